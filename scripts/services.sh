@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Starts (or reuses) the services loginflow needs, on loopback, without Docker:
+#   - a private PostgreSQL cluster (Debian's postgresql package, installed if missing)
+#   - LocalStack's SQS in host mode (Python >= 3.13 venv), or moto's server as a fallback
+#
+# Source it, then call `services_up`; `services_down` stops only what it started.
+# Exports DATABASE_URL (the `postgres` database of the cluster) and AWS_ENDPOINT_URL.
+#
+# Settings: LOGINFLOW_STATE (venvs and logs, default ~/.cache/loginflow),
+#           PG_PORT (default 55432), SQS_PORT (default 4566), PG_FAST=1 (no fsync: tests only).
+
+LOGINFLOW_STATE=${LOGINFLOW_STATE:-$HOME/.cache/loginflow}
+PG_PORT=${PG_PORT:-55432}
+SQS_PORT=${SQS_PORT:-4566}
+LOCALSTACK_VERSION=${LOCALSTACK_VERSION:-2026.3.0}
+PG_DIR=${PG_DIR:-/var/tmp/loginflow-pg-$PG_PORT}
+_STARTED=()
+
+_log() { printf '[services] %s\n' "$*" >&2; }
+
+_as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+_pg_bindir() {
+  local dir
+  for dir in /usr/lib/postgresql/*/bin; do
+    [ -x "$dir/initdb" ] && { echo "$dir"; return 0; }
+  done
+  return 1
+}
+
+_install_postgres() {
+  _log "PostgreSQL not found: installing Debian's postgresql package"
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+}
+
+postgres_up() {
+  export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
+  if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; then
+    _log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
+    return 0
+  fi
+  local bin
+  bin=$(_pg_bindir) || { _install_postgres; bin=$(_pg_bindir); } || { _log "no PostgreSQL server binaries"; return 1; }
+  mkdir -p "$PG_DIR"
+  [ "$(id -u)" = 0 ] && chown postgres "$PG_DIR" && chmod 700 "$PG_DIR"
+  if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
+    _log "initialising a private cluster in $PG_DIR/data"
+    _as_postgres "$bin/initdb" -D "$PG_DIR/data" --auth=trust -U postgres -E UTF8 --locale=C.UTF-8 >/dev/null
+  fi
+  local opts="-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=200"
+  [ "${PG_FAST:-0}" = 1 ] && opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  _as_postgres "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -o "$opts" -w -t 60 start >/dev/null
+  _STARTED+=("postgres")
+  _log "PostgreSQL started on 127.0.0.1:$PG_PORT (log: $PG_DIR/postgres.log)"
+}
+
+postgres_down() {
+  local bin; bin=$(_pg_bindir) || return 0
+  _as_postgres "$bin/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+_python_for_localstack() {
+  local py
+  for py in python3.13 python3.14 "$HOME"/.pyenv/versions/3.13*/bin/python3 "$HOME"/.pyenv/versions/3.14*/bin/python3 python3; do
+    command -v "$py" >/dev/null 2>&1 || [ -x "$py" ] || continue
+    if "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 13) else 1)' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  return 1
+}
+
+_sqs_healthy() {
+  curl -fsS "http://127.0.0.1:$SQS_PORT/_localstack/health" 2>/dev/null | grep -q '"sqs": "\(available\|running\)"' && return 0
+  # moto answers a ListQueues call.
+  curl -fsS -X POST -H 'X-Amz-Target: AmazonSQS.ListQueues' -H 'Content-Type: application/x-amz-json-1.0' \
+    -d '{}' "http://127.0.0.1:$SQS_PORT/" >/dev/null 2>&1
+}
+
+sqs_up() {
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$SQS_PORT"
+  export AWS_REGION=${AWS_REGION:-us-east-1}
+  if _sqs_healthy; then
+    _log "an SQS endpoint is already running on 127.0.0.1:$SQS_PORT"
+    return 0
+  fi
+  mkdir -p "$LOGINFLOW_STATE"
+  local py
+  if py=$(_python_for_localstack); then
+    local venv="$LOGINFLOW_STATE/localstack-$LOCALSTACK_VERSION"
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import localstack' 2>/dev/null; then
+      _log "installing LocalStack $LOCALSTACK_VERSION into $venv (about a minute)"
+      rm -rf "$venv" && "$py" -m venv "$venv" &&
+        "$venv/bin/pip" install -q --disable-pip-version-check "localstack-core[runtime]==$LOCALSTACK_VERSION" \
+          'cbor2<6' 'pyopenssl<25' 'cryptography<45' service_identity >"$LOGINFLOW_STATE/localstack-install.log" 2>&1 ||
+        { _log "LocalStack install failed (see $LOGINFLOW_STATE/localstack-install.log)"; return 1; }
+    fi
+    mkdir -p "$LOGINFLOW_STATE/localstack-volume"
+    SERVICES=sqs GATEWAY_LISTEN="127.0.0.1:$SQS_PORT" SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 \
+      SKIP_SSL_CERT_DOWNLOAD=1 DISABLE_EVENTS=1 LOCALSTACK_HOST="127.0.0.1:$SQS_PORT" LOCALSTACK_VOLUME_DIR="$LOGINFLOW_STATE/localstack-volume" \
+      nohup "$venv/bin/python" -m localstack.runtime.main >"$LOGINFLOW_STATE/localstack.log" 2>&1 &
+    echo $! >"$LOGINFLOW_STATE/sqs.pid"
+    _log "starting LocalStack $LOCALSTACK_VERSION (host mode) on 127.0.0.1:$SQS_PORT"
+  else
+    # No Python >= 3.13: moto's server works for functional runs but slows with a backlog (not for load tests).
+    _log "no Python >= 3.13 for LocalStack: falling back to moto's server (functional runs only, not load tests)"
+    local venv="$LOGINFLOW_STATE/moto"
+    if [ ! -x "$venv/bin/moto_server" ]; then
+      python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' \
+        >"$LOGINFLOW_STATE/moto-install.log" 2>&1 || { _log "moto install failed"; return 1; }
+    fi
+    nohup "$venv/bin/moto_server" -H 127.0.0.1 -p "$SQS_PORT" >"$LOGINFLOW_STATE/moto.log" 2>&1 &
+    echo $! >"$LOGINFLOW_STATE/sqs.pid"
+  fi
+  _STARTED+=("sqs")
+  local i
+  for i in $(seq 1 120); do
+    _sqs_healthy && { _log "SQS endpoint ready"; return 0; }
+    sleep 0.5
+  done
+  _log "SQS endpoint did not become ready; last log lines:"
+  tail -n 20 "$LOGINFLOW_STATE"/localstack.log "$LOGINFLOW_STATE"/moto.log 2>/dev/null >&2
+  return 1
+}
+
+sqs_down() {
+  local pid
+  pid=$(cat "$LOGINFLOW_STATE/sqs.pid" 2>/dev/null) || return 0
+  kill "$pid" 2>/dev/null && for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$LOGINFLOW_STATE/sqs.pid"
+}
+
+services_up() {
+  postgres_up && sqs_up
+}
+
+# Stops what services_up started in this shell, leaving services that were already running.
+services_down() {
+  local s
+  for s in "${_STARTED[@]}"; do
+    case $s in
+      postgres) postgres_down ;;
+      sqs) sqs_down ;;
+    esac
+  done
+  _STARTED=()
+}

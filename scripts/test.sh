@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, clippy, unit and integration tests against a real
+# PostgreSQL and a real SQS emulator, both started here (and stopped after) if not running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+trap services_down EXIT
+PG_FAST=1 services_up
+
+export LOGINFLOW_TEST_DATABASE_URL="$DATABASE_URL"
+echo "== cargo test"
+cargo test --all-targets -- --test-threads "${TEST_THREADS:-4}"

@@ -1,0 +1,81 @@
+//! Ack: deletes messages from the queue once their rows are committed.
+//!
+//! DeleteMessageBatch, 10 entries per call, the calls of a batch concurrently.
+//! Failed entries are retried with backoff a bounded number of times; a message
+//! whose delete is given up is redelivered later and dropped as a duplicate.
+
+use std::time::Duration;
+
+use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+use aws_sdk_sqs::Client;
+use futures::future::join_all;
+
+use crate::metrics;
+use crate::retry::Backoff;
+use crate::source::{Ack, SQS_BATCH_LIMIT};
+
+/// Attempts per entry before a delete is given up.
+pub const DELETE_ATTEMPTS: u32 = 8;
+
+/// How many deletes succeeded and how many were given up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    pub succeeded: u64,
+    pub gave_up: u64,
+}
+
+/// Deletes every message of `acks` (committed rows only).
+pub async fn delete_all(client: &Client, queue_url: &str, acks: &[&Ack], max_backoff: Duration) -> Deleted {
+    let calls = acks.chunks(SQS_BATCH_LIMIT).map(|chunk| delete_chunk(client, queue_url, chunk, max_backoff));
+    let deleted = join_all(calls).await.into_iter().fold(Deleted::default(), |sum, d| Deleted {
+        succeeded: sum.succeeded + d.succeeded,
+        gave_up: sum.gave_up + d.gave_up,
+    });
+    metrics::counter!(metrics::SQS_DELETES, "outcome" => "success").increment(deleted.succeeded);
+    metrics::counter!(metrics::SQS_DELETES, "outcome" => "failure").increment(deleted.gave_up);
+    deleted
+}
+
+async fn delete_chunk(client: &Client, queue_url: &str, chunk: &[&Ack], max_backoff: Duration) -> Deleted {
+    let mut pending: Vec<&Ack> = chunk.to_vec();
+    let mut backoff = Backoff::new(max_backoff);
+    let mut succeeded = 0;
+    let mut gave_up = 0;
+    for attempt in 1..=DELETE_ATTEMPTS {
+        let entries = pending.iter().enumerate().filter_map(|(i, ack)| {
+            DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(&ack.receipt_handle).build().ok()
+        });
+        let result =
+            client.delete_message_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await;
+        match result {
+            Ok(out) => {
+                let mut retry = Vec::new();
+                for failure in &out.failed {
+                    let ack = failure.id.parse::<usize>().ok().and_then(|i| pending.get(i).copied());
+                    // ReceiptHandleIsInvalid and other sender faults will not improve with retries.
+                    match ack {
+                        Some(ack) if !failure.sender_fault => retry.push(ack),
+                        _ => tracing::warn!(code = %failure.code, "delete refused; message will be redelivered"),
+                    }
+                }
+                succeeded += out.successful.len() as u64;
+                gave_up += pending.len().saturating_sub(out.successful.len() + retry.len()) as u64;
+                if retry.is_empty() {
+                    return Deleted { succeeded, gave_up };
+                }
+                pending = retry;
+            }
+            Err(err) => {
+                tracing::warn!(error = %aws_sdk_sqs::Error::from(err), attempt, "delete failed; retrying");
+            }
+        }
+        if attempt < DELETE_ATTEMPTS {
+            metrics::retry("ack");
+            metrics::error("ack", "transient");
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+    metrics::error("ack", "gave_up");
+    tracing::warn!(messages = pending.len(), "gave up deleting; they will be redelivered and dropped as duplicates");
+    Deleted { succeeded, gave_up: gave_up + pending.len() as u64 }
+}

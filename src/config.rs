@@ -1,0 +1,360 @@
+//! Command line and environment configuration, parsed and validated once at startup.
+//!
+//! Every setting is a CLI flag and an environment variable of the same name
+//! (`--batch-max-rows` / `BATCH_MAX_ROWS`). A value that does not parse stops
+//! startup with clap's error, which names the variable and what it accepts.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::{ExposeSecret, SecretString};
+
+/// The default queue: the one the original task publishes to.
+pub const DEFAULT_QUEUE_URL: &str = "http://localhost:4566/000000000000/login-queue";
+/// Shortest accepted masking key, in bytes.
+pub const MIN_MASK_KEY_BYTES: usize = 32;
+
+/// loginflow: user-login events from SQS, deduplicated and PII-masked, into PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "loginflow", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+/// The subcommands of the `loginflow` binary.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pipeline (forever, or until the queue is drained with --drain).
+    Run(Box<RunArgs>),
+    /// Create the queue (and its dead-letter queue) if missing and publish records to it.
+    Seed(SeedArgs),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(DatabaseArgs),
+    /// Print synthetic login records as a JSON array (the shape of the task's sample).
+    Generate(GenerateArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What identifies a duplicate in the dedup cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DedupKey {
+    /// The SQS message id: catches redeliveries of one message.
+    MessageId,
+    /// A digest of the body: also catches a producer sending the same event twice.
+    BodyDigest,
+}
+
+/// Where the queue is and how to reach it.
+#[derive(Debug, Clone, Args)]
+pub struct SqsArgs {
+    /// SQS queue URL.
+    #[arg(long, env = "QUEUE_URL", value_name = "QUEUE_URL", default_value = DEFAULT_QUEUE_URL)]
+    pub queue_url: String,
+
+    /// SQS endpoint, for an emulator such as LocalStack. Unset means AWS itself.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+
+    /// AWS region.
+    #[arg(long, env = "AWS_REGION", value_name = "AWS_REGION", default_value = "us-east-1")]
+    pub aws_region: String,
+
+    /// AWS access key id. With an endpoint set and no key, the emulator's "test" key is used.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", value_name = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub aws_access_key_id: Option<String>,
+
+    /// AWS secret access key.
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", value_name = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub aws_secret_access_key: Option<SecretString>,
+}
+
+impl SqsArgs {
+    /// The queue's name: the last path segment of its URL.
+    pub fn queue_name(&self) -> &str {
+        self.queue_url.trim_end_matches('/').rsplit('/').next().unwrap_or_default()
+    }
+}
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, `postgres://user:pass@host:port/db`.
+    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", hide_env_values = true,
+          default_value = "postgres://postgres@127.0.0.1:5432/postgres", value_parser = parse_database_url)]
+    pub database_url: tokio_postgres::Config,
+}
+
+/// `loginflow run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub sqs: SqsArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Exit 0 once the queue has no visible or in-flight messages and everything received is stored and deleted.
+    #[arg(long)]
+    pub drain: bool,
+
+    /// Masking secret (at least 32 bytes). Prefer MASK_KEY_FILE in production.
+    #[arg(long, env = "MASK_KEY", value_name = "MASK_KEY", hide_env_values = true)]
+    pub mask_key: Option<SecretString>,
+
+    /// File holding the masking secret (trailing newline ignored).
+    #[arg(long, env = "MASK_KEY_FILE", value_name = "MASK_KEY_FILE")]
+    pub mask_key_file: Option<PathBuf>,
+
+    /// `host:port` serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
+    pub metrics_addr: SocketAddr,
+
+    /// Concurrent long-polling receivers.
+    #[arg(long, env = "POLLERS", value_name = "POLLERS", default_value = "4")]
+    pub pollers: NonZeroU16,
+
+    /// Long-poll wait per receive, 0..=20 seconds.
+    #[arg(long, env = "RECEIVE_WAIT_SECS", value_name = "RECEIVE_WAIT_SECS", default_value = "20",
+          value_parser = clap::value_parser!(u8).range(0..=20))]
+    pub receive_wait_secs: u8,
+
+    /// Visibility timeout requested on receive, and the length of each extension, 1..=43200 seconds.
+    #[arg(long, env = "VISIBILITY_TIMEOUT_SECS", value_name = "VISIBILITY_TIMEOUT_SECS", default_value = "60",
+          value_parser = clap::value_parser!(u32).range(1..=43_200))]
+    pub visibility_timeout_secs: u32,
+
+    /// Rows per batch: a batch is written when it has this many messages...
+    #[arg(long, env = "BATCH_MAX_ROWS", value_name = "BATCH_MAX_ROWS", default_value = "1000")]
+    pub batch_max_rows: NonZeroUsize,
+
+    /// ...or when its first message has waited this long, in milliseconds (1..=600000).
+    #[arg(long, env = "BATCH_MAX_WAIT_MS", value_name = "BATCH_MAX_WAIT_MS", default_value = "500",
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub batch_max_wait_ms: u64,
+
+    /// How long a committed message is remembered by the dedup cache, in seconds (1..=1209600).
+    #[arg(long, env = "DEDUP_TTL_SECS", value_name = "DEDUP_TTL_SECS", default_value = "3600",
+          value_parser = clap::value_parser!(u64).range(1..=1_209_600))]
+    pub dedup_ttl_secs: u64,
+
+    /// Most entries the dedup cache holds (about 100 bytes each).
+    #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "200000")]
+    pub dedup_capacity: NonZeroUsize,
+
+    /// What the dedup cache keys on.
+    #[arg(long, env = "DEDUP_KEY", value_name = "DEDUP_KEY", default_value = "message-id")]
+    pub dedup_key: DedupKey,
+
+    /// Receive batches decoded and masked in parallel.
+    #[arg(long, env = "MASK_CONCURRENCY", value_name = "MASK_CONCURRENCY", default_value = "4")]
+    pub mask_concurrency: NonZeroUsize,
+
+    /// Batches written to PostgreSQL at once (one connection each).
+    #[arg(long, env = "SINK_CONNECTIONS", value_name = "SINK_CONNECTIONS", default_value = "2")]
+    pub sink_connections: NonZeroUsize,
+
+    /// After SIGINT/SIGTERM, how long in-flight work may take to finish, in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", value_name = "SHUTDOWN_GRACE_SECS", default_value = "30",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub shutdown_grace_secs: u64,
+
+    /// Longest pause between retries of a failing call, in seconds (1..=300).
+    #[arg(long, env = "RETRY_MAX_BACKOFF_SECS", value_name = "RETRY_MAX_BACKOFF_SECS", default_value = "10",
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub retry_max_backoff_secs: u64,
+}
+
+/// `loginflow seed`.
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub sqs: SqsArgs,
+
+    /// JSON array file whose elements are published one per message.
+    #[arg(long, value_name = "PATH", conflicts_with = "count")]
+    pub file: Option<PathBuf>,
+
+    /// Publish this many synthetic records instead of a file.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+
+    /// Random seed of the synthetic generator.
+    #[arg(long, value_name = "SEED", default_value = "42")]
+    pub rng_seed: u64,
+
+    /// Receives before a message moves to the dead-letter queue.
+    #[arg(long, env = "MAX_RECEIVE_COUNT", value_name = "MAX_RECEIVE_COUNT", default_value = "5",
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_receive_count: u16,
+}
+
+/// `loginflow generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Number of records.
+    #[arg(long, value_name = "N", default_value = "100")]
+    pub count: u64,
+    /// Random seed.
+    #[arg(long, value_name = "SEED", default_value = "42")]
+    pub rng_seed: u64,
+}
+
+/// Settings that failed validation beyond what clap checks.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("MASK_KEY or MASK_KEY_FILE is required: a secret of at least {MIN_MASK_KEY_BYTES} bytes")]
+    MaskKeyMissing,
+    #[error("MASK_KEY and MASK_KEY_FILE are both set; set only one")]
+    MaskKeyTwice,
+    #[error("{variable} is {len} bytes; it must be at least {MIN_MASK_KEY_BYTES} bytes")]
+    MaskKeyTooShort { variable: &'static str, len: usize },
+    #[error("MASK_KEY_FILE {path:?} cannot be read: {source}")]
+    MaskKeyFile { path: PathBuf, source: std::io::Error },
+    #[error("QUEUE_URL {0:?} is not an http(s) URL ending in the queue name")]
+    QueueUrl(String),
+}
+
+impl RunArgs {
+    /// Reads and checks the masking key from MASK_KEY or MASK_KEY_FILE. Never prints it.
+    pub fn load_mask_key(&self) -> Result<SecretString, ConfigError> {
+        let (key, variable) = match (&self.mask_key, &self.mask_key_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::MaskKeyTwice),
+            (None, None) => return Err(ConfigError::MaskKeyMissing),
+            (Some(key), None) => (key.clone(), "MASK_KEY"),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::MaskKeyFile { path: path.clone(), source })?;
+                (SecretString::from(text.trim_end_matches(['\r', '\n']).to_owned()), "MASK_KEY_FILE")
+            }
+        };
+        let len = key.expose_secret().len();
+        if len < MIN_MASK_KEY_BYTES {
+            return Err(ConfigError::MaskKeyTooShort { variable, len });
+        }
+        Ok(key)
+    }
+
+    /// Checks what clap cannot: the queue URL's shape.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_queue_url(&self.sqs.queue_url)
+    }
+
+    pub fn batch_max_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_max_wait_ms)
+    }
+    pub fn visibility_timeout(&self) -> Duration {
+        Duration::from_secs(self.visibility_timeout_secs.into())
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+    pub fn retry_max_backoff(&self) -> Duration {
+        Duration::from_secs(self.retry_max_backoff_secs)
+    }
+}
+
+/// Checks that a queue URL is an http(s) URL with a queue name as its last segment.
+pub fn validate_queue_url(url: &str) -> Result<(), ConfigError> {
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(rest) if rest.trim_end_matches('/').contains('/') => Ok(()),
+        _ => Err(ConfigError::QueueUrl(url.to_owned())),
+    }
+}
+
+fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("expected postgres://user:pass@host:port/db".into());
+    }
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|_| "expected postgres://user:pass@host:port/db".to_string())?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    config.application_name("loginflow");
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("loginflow").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let cli = parse(&["run"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("expected run") };
+        let run = *run;
+        assert_eq!(run.pollers.get(), 4);
+        assert_eq!(run.sqs.queue_name(), "login-queue");
+        assert_eq!(run.batch_max_wait(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn invalid_number_names_the_variable() {
+        let err = parse(&["run", "--pollers", "lots"]).unwrap_err().to_string();
+        assert!(err.contains("POLLERS"), "{err}");
+        let err = parse(&["run", "--receive-wait-secs", "21"]).unwrap_err().to_string();
+        assert!(err.contains("RECEIVE_WAIT_SECS") && err.contains("0..=20"), "{err}");
+        let err = parse(&["run", "--batch-max-rows", "0"]).unwrap_err().to_string();
+        assert!(err.contains("BATCH_MAX_ROWS"), "{err}");
+    }
+
+    #[test]
+    fn bad_database_url_is_rejected_with_its_name() {
+        let err = parse(&["run", "--database-url", "mysql://x"]).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL") && err.contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn mask_key_rules() {
+        let cli = parse(&["run"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("expected run") };
+        let mut run = *run;
+        run.mask_key = None;
+        run.mask_key_file = None;
+        assert!(matches!(run.load_mask_key(), Err(ConfigError::MaskKeyMissing)));
+        run.mask_key = Some(SecretString::from("short-secret-value"));
+        let err = run.load_mask_key().unwrap_err();
+        assert!(err.to_string().contains("MASK_KEY is 18 bytes"), "{err}");
+        assert!(!err.to_string().contains("short-secret-value"));
+        run.mask_key = Some(SecretString::from("k".repeat(32)));
+        assert!(run.load_mask_key().is_ok());
+    }
+
+    #[test]
+    fn mask_key_file_is_read_and_trimmed() {
+        let path = std::env::temp_dir().join(format!("loginflow-key-{}", std::process::id()));
+        std::fs::write(&path, format!("{}\n", "s".repeat(32))).unwrap();
+        let cli = parse(&["run"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("expected run") };
+        let mut run = *run;
+        run.mask_key = None;
+        run.mask_key_file = Some(path.clone());
+        assert_eq!(run.load_mask_key().unwrap().expose_secret().len(), 32);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn queue_url_shape() {
+        assert!(validate_queue_url(DEFAULT_QUEUE_URL).is_ok());
+        assert!(validate_queue_url("login-queue").is_err());
+        assert!(validate_queue_url("http://localhost:4566").is_err());
+    }
+}

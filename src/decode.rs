@@ -1,0 +1,393 @@
+//! Decode + validate: a message body becomes a [`ValidLogin`] or a [`Rejection`] with a reason code.
+//!
+//! Nothing here logs or formats a raw value: serde's error messages can quote
+//! the input, so they are mapped to fixed reason codes and never shown.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Column limits of `user_logins` (characters, as `varchar(n)` counts them).
+pub const USER_ID_MAX_CHARS: usize = 128;
+pub const DEVICE_TYPE_MAX_CHARS: usize = 32;
+pub const LOCALE_MAX_CHARS: usize = 32;
+pub const APP_VERSION_MAX_CHARS: usize = 32;
+/// Longest accepted raw `device_id`; it is stored only as a 64-character mask.
+pub const DEVICE_ID_MAX_CHARS: usize = 256;
+
+/// Why a message could not become a row. `as_str` values are stable: they are
+/// stored in `user_logins_quarantine.reason` and used as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    EmptyBody,
+    InvalidJson,
+    NotAnObject,
+    MissingField,
+    NullField,
+    WrongType,
+    EmptyField,
+    TooLong,
+    InvalidCharacter,
+    InvalidIp,
+    InvalidAppVersion,
+    /// Passed validation, but PostgreSQL refused the row.
+    DbRejected,
+}
+
+impl Reason {
+    /// Every reason, so metrics can register each label at startup.
+    pub const ALL: [Reason; 12] = [
+        Reason::EmptyBody,
+        Reason::InvalidJson,
+        Reason::NotAnObject,
+        Reason::MissingField,
+        Reason::NullField,
+        Reason::WrongType,
+        Reason::EmptyField,
+        Reason::TooLong,
+        Reason::InvalidCharacter,
+        Reason::InvalidIp,
+        Reason::InvalidAppVersion,
+        Reason::DbRejected,
+    ];
+
+    /// The machine-readable code.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::EmptyBody => "empty_body",
+            Reason::InvalidJson => "invalid_json",
+            Reason::NotAnObject => "not_an_object",
+            Reason::MissingField => "missing_field",
+            Reason::NullField => "null_field",
+            Reason::WrongType => "wrong_type",
+            Reason::EmptyField => "empty_field",
+            Reason::TooLong => "too_long",
+            Reason::InvalidCharacter => "invalid_character",
+            Reason::InvalidIp => "invalid_ip",
+            Reason::InvalidAppVersion => "invalid_app_version",
+            Reason::DbRejected => "db_rejected",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected body: the reason, and the field it concerns when there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: Reason,
+    /// A field name from the fixed schema (never a value), or a SQLSTATE for `db_rejected`.
+    pub detail: Option<String>,
+}
+
+impl Rejection {
+    fn new(reason: Reason, field: &str) -> Self {
+        Rejection { reason, detail: Some(field.to_owned()) }
+    }
+    fn bare(reason: Reason) -> Self {
+        Rejection { reason, detail: None }
+    }
+}
+
+/// A PII value (`ip`, `device_id`) before masking. It has no `Display`, and
+/// its `Debug` prints nothing of the value, so it cannot leak through a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pii(String);
+
+impl Pii {
+    /// The raw value, for the masking stage only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Pii {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pii(<redacted>)")
+    }
+}
+
+/// `app_version` as stored: an order-preserving integer and the original text.
+///
+/// `code = 10 × (major·1 000 000 + minor·1 000 + patch) + form`, where `form`
+/// records how the text was written so the exact string can be rebuilt:
+/// 0 = `X.Y`, 1 = `X.0Y` (two-digit minor below 10, e.g. `2.00`, `1.05`), 2 = `X.Y.Z`.
+/// Numbers are written without leading zeros otherwise; major <= 213, minor and patch <= 999
+/// (the largest code, 2 139 999 992, fits PostgreSQL's `integer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppVersion {
+    pub code: i32,
+    pub text: String,
+}
+
+/// Largest major version that fits the `integer` column.
+pub const APP_VERSION_MAX_MAJOR: u32 = 213;
+
+impl AppVersion {
+    /// Encodes a version string, or `None` when it is not one of the three forms.
+    pub fn parse(text: &str) -> Option<AppVersion> {
+        let parts: Vec<&str> = text.split('.').collect();
+        let (major, minor, patch, form) = match parts.as_slice() {
+            [major, minor] if minor.len() == 2 && minor.starts_with('0') => (number(major)?, digits(minor)?, 0, 1),
+            [major, minor] => (number(major)?, number(minor)?, 0, 0),
+            [major, minor, patch] => (number(major)?, number(minor)?, number(patch)?, 2),
+            _ => return None,
+        };
+        if major > APP_VERSION_MAX_MAJOR || minor > 999 || patch > 999 {
+            return None;
+        }
+        let code = 10 * (major * 1_000_000 + minor * 1_000 + patch) + form;
+        Some(AppVersion { code: i32::try_from(code).ok()?, text: text.to_owned() })
+    }
+
+    /// Rebuilds the original string from a code (the SQL function `loginflow_app_version_text` does the same).
+    pub fn text_of(code: i32) -> Option<String> {
+        let code = u32::try_from(code).ok()?;
+        let (value, form) = (code / 10, code % 10);
+        let (major, minor, patch) = (value / 1_000_000, value / 1_000 % 1_000, value % 1_000);
+        match form {
+            0 if patch == 0 => Some(format!("{major}.{minor}")),
+            1 if patch == 0 && minor < 10 => Some(format!("{major}.{minor:02}")),
+            2 => Some(format!("{major}.{minor}.{patch}")),
+            _ => None,
+        }
+    }
+}
+
+/// A decimal number without leading zeros ("0" itself is fine).
+fn number(s: &str) -> Option<u32> {
+    if s.len() > 1 && s.starts_with('0') {
+        return None;
+    }
+    digits(s)
+}
+
+fn digits(s: &str) -> Option<u32> {
+    if s.is_empty() || s.len() > 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// A login event that passed validation; PII not yet masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidLogin {
+    pub user_id: String,
+    pub device_type: String,
+    pub ip: Pii,
+    pub device_id: Pii,
+    pub locale: Option<String>,
+    pub app_version: AppVersion,
+}
+
+/// The wire shape: every field kept as raw JSON so that each problem gets its own reason.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    user_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    device_type: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    ip: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    device_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    locale: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    app_version: Option<&'a RawValue>,
+}
+
+/// Keeps a present field, `null` included, as `Some`: `Option`'s own impl would turn `null` into `None`,
+/// and a null field has a reason of its own.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// Decodes and validates one message body.
+pub fn decode(body: &str) -> Result<ValidLogin, Rejection> {
+    let trimmed = body.trim_start();
+    if trimmed.is_empty() {
+        return Err(Rejection::bare(Reason::EmptyBody));
+    }
+    if !trimmed.starts_with('{') {
+        // serde would read a JSON array into a struct positionally, so only objects go further.
+        let reason = match serde_json::from_str::<serde::de::IgnoredAny>(body) {
+            Ok(_) => Reason::NotAnObject,
+            Err(_) => Reason::InvalidJson,
+        };
+        return Err(Rejection::bare(reason));
+    }
+    // Syntax errors and duplicate keys (ambiguous records) both end here.
+    let wire: Wire<'_> = serde_json::from_str(body).map_err(|_| Rejection::bare(Reason::InvalidJson))?;
+
+    let user_id = required_text("user_id", wire.user_id, USER_ID_MAX_CHARS)?;
+    let device_type = required_text("device_type", wire.device_type, DEVICE_TYPE_MAX_CHARS)?;
+    let ip_text = required_text("ip", wire.ip, 64)?;
+    let ip = ip_text.parse::<IpAddr>().map_err(|_| Rejection::new(Reason::InvalidIp, "ip"))?;
+    let device_id = required_text("device_id", wire.device_id, DEVICE_ID_MAX_CHARS)?;
+    let locale = match wire.locale {
+        None => None,
+        Some(raw) if raw.get() == "null" => None,
+        Some(raw) => Some(text("locale", raw, LOCALE_MAX_CHARS)?.into_owned()),
+    };
+    let version_text = required_text("app_version", wire.app_version, APP_VERSION_MAX_CHARS)?;
+    let app_version =
+        AppVersion::parse(&version_text).ok_or_else(|| Rejection::new(Reason::InvalidAppVersion, "app_version"))?;
+
+    Ok(ValidLogin {
+        user_id: user_id.into_owned(),
+        device_type: device_type.into_owned(),
+        // The canonical text form: equal addresses written differently mask alike.
+        ip: Pii(ip.to_string()),
+        device_id: Pii(device_id.into_owned()),
+        locale,
+        app_version,
+    })
+}
+
+fn required_text<'a>(field: &str, raw: Option<&'a RawValue>, max_chars: usize) -> Result<Cow<'a, str>, Rejection> {
+    let raw = raw.ok_or_else(|| Rejection::new(Reason::MissingField, field))?;
+    if raw.get() == "null" {
+        return Err(Rejection::new(Reason::NullField, field));
+    }
+    let value = text(field, raw, max_chars)?;
+    if value.trim().is_empty() {
+        return Err(Rejection::new(Reason::EmptyField, field));
+    }
+    Ok(value)
+}
+
+fn text<'a>(field: &str, raw: &'a RawValue, max_chars: usize) -> Result<Cow<'a, str>, Rejection> {
+    if !raw.get().starts_with('"') {
+        return Err(Rejection::new(Reason::WrongType, field));
+    }
+    let value: Cow<'a, str> =
+        serde_json::from_str(raw.get()).map_err(|_| Rejection::new(Reason::InvalidJson, field))?;
+    // Fast path: a string of at most `max_chars` bytes has at most that many characters.
+    if value.len() > max_chars && value.chars().count() > max_chars {
+        return Err(Rejection::new(Reason::TooLong, field));
+    }
+    // PostgreSQL text cannot hold NUL; other control characters have no place in these fields.
+    if value.chars().any(|c| c.is_control()) {
+        return Err(Rejection::new(Reason::InvalidCharacter, field));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"user_id":"424cdd21-063a-43a7-b91b-7ca1a833afae","app_version":"2.3.0","device_type":"android","ip":"199.172.111.135","locale":"RU","device_id":"593-47-5928"}"#;
+
+    fn reason(body: &str) -> (Reason, Option<String>) {
+        let r = decode(body).unwrap_err();
+        (r.reason, r.detail)
+    }
+
+    fn with(field: &str, value: &str) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        v[field] = serde_json::from_str(value).unwrap();
+        v.to_string()
+    }
+
+    #[test]
+    fn decodes_the_reference_record() {
+        let login = decode(GOOD).unwrap();
+        assert_eq!(login.user_id, "424cdd21-063a-43a7-b91b-7ca1a833afae");
+        assert_eq!(login.device_type, "android");
+        assert_eq!(login.ip.expose(), "199.172.111.135");
+        assert_eq!(login.device_id.expose(), "593-47-5928");
+        assert_eq!(login.locale.as_deref(), Some("RU"));
+        assert_eq!(login.app_version, AppVersion { code: 20_030_002, text: "2.3.0".into() });
+    }
+
+    #[test]
+    fn null_or_missing_locale_is_valid() {
+        assert_eq!(decode(&with("locale", "null")).unwrap().locale, None);
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        v.as_object_mut().unwrap().remove("locale");
+        assert_eq!(decode(&v.to_string()).unwrap().locale, None);
+    }
+
+    #[test]
+    fn the_wrong_message_type_is_missing_user_id() {
+        assert_eq!(
+            reason(r#"{"foo":"oops_wrong_msg_type","bar":"123"}"#),
+            (Reason::MissingField, Some("user_id".into()))
+        );
+    }
+
+    #[test]
+    fn each_problem_has_its_reason() {
+        assert_eq!(reason("").0, Reason::EmptyBody);
+        assert_eq!(reason("   \n").0, Reason::EmptyBody);
+        assert_eq!(reason("not json").0, Reason::InvalidJson);
+        assert_eq!(reason("{\"user_id\":").0, Reason::InvalidJson);
+        assert_eq!(reason("[1,2]").0, Reason::NotAnObject);
+        assert_eq!(reason("\"text\"").0, Reason::NotAnObject);
+        assert_eq!(reason("42").0, Reason::NotAnObject);
+        assert_eq!(reason(&with("ip", "null")), (Reason::NullField, Some("ip".into())));
+        assert_eq!(reason(&with("ip", "12345")), (Reason::WrongType, Some("ip".into())));
+        assert_eq!(reason(&with("locale", "7")), (Reason::WrongType, Some("locale".into())));
+        assert_eq!(reason(&with("app_version", "2.3")), (Reason::WrongType, Some("app_version".into())));
+        assert_eq!(reason(&with("user_id", "\"\"")), (Reason::EmptyField, Some("user_id".into())));
+        assert_eq!(reason(&with("ip", "\"999.1.1.1\"")), (Reason::InvalidIp, Some("ip".into())));
+        assert_eq!(reason(&with("app_version", "\"2.x\"")).0, Reason::InvalidAppVersion);
+        assert_eq!(reason(&with("device_type", "\"a\\u0000b\"")).0, Reason::InvalidCharacter);
+        let long = format!("\"{}\"", "x".repeat(33));
+        assert_eq!(reason(&with("device_type", &long)), (Reason::TooLong, Some("device_type".into())));
+        let dup = GOOD.replacen('{', r#"{"ip":"1.1.1.1","#, 1);
+        assert_eq!(reason(&dup).0, Reason::InvalidJson);
+    }
+
+    #[test]
+    fn length_counts_characters_not_bytes() {
+        let exactly_32 = format!("\"{}\"", "é".repeat(32));
+        assert!(decode(&with("device_type", &exactly_32)).is_ok());
+    }
+
+    #[test]
+    fn ipv6_extra_fields_and_unicode_are_valid() {
+        let login = decode(&with("ip", "\"2001:DB8::1\"")).unwrap();
+        assert_eq!(login.ip.expose(), "2001:db8::1");
+        assert!(decode(&with("extra", "{\"nested\":[1,2]}")).is_ok());
+        assert!(decode(&with("user_id", "\"ユーザー'; DROP TABLE user_logins;--\"")).is_ok());
+    }
+
+    #[test]
+    fn app_version_forms_round_trip_and_keep_order() {
+        let samples = ["0.96", "2.00", "1.05", "2.0", "2.3", "2.3.0", "0.2.6", "10.12.999", "213.999.999"];
+        for text in samples {
+            let v = AppVersion::parse(text).unwrap_or_else(|| panic!("{text}"));
+            assert_eq!(AppVersion::text_of(v.code).as_deref(), Some(text));
+        }
+        let codes: Vec<i32> = ["0.2.6", "0.96", "1.05", "2.0", "2.00", "2.0.0", "2.3", "2.3.0", "2.3.1", "10.0"]
+            .iter()
+            .map(|t| AppVersion::parse(t).unwrap().code)
+            .collect();
+        assert!(codes.windows(2).all(|w| w[0] < w[1]), "{codes:?}");
+    }
+
+    #[test]
+    fn unencodable_versions_are_refused() {
+        for text in ["", "2", "2.", ".1", "1.2.3.4", "01.2", "1.2.03", "1.001", "214.0.0", "1.1000", "v1.2", "1.-2"] {
+            assert!(AppVersion::parse(text).is_none(), "{text}");
+        }
+        assert_eq!(AppVersion::text_of(-5), None);
+        assert_eq!(AppVersion::text_of(20_030_009), None);
+    }
+
+    #[test]
+    fn debug_output_hides_pii() {
+        let printed = format!("{:?}", decode(GOOD).unwrap());
+        assert!(!printed.contains("199.172.111.135") && !printed.contains("593-47-5928"), "{printed}");
+    }
+}

@@ -1,0 +1,71 @@
+//! The `loginflow` binary: parses configuration and calls the library.
+
+use anyhow::Context;
+use clap::Parser;
+use loginflow::config::{Cli, Command, LogFormat};
+use loginflow::{seed, sink::Sink, sqs};
+use tracing::Level;
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::prelude::*;
+
+/// Dependencies that print request data at debug level (tokio-postgres prints query
+/// parameters, the AWS SDK prints bodies): capped at INFO whatever RUST_LOG says.
+const CHATTY_DEPENDENCIES: [&str; 5] = ["tokio_postgres", "aws_smithy", "aws_sdk", "hyper", "h2"];
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let no_raw_data = filter_fn(|meta| {
+        *meta.level() <= Level::INFO || !CHATTY_DEPENDENCIES.iter().any(|dep| meta.target().starts_with(dep))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(no_raw_data);
+    match format {
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => {
+            let summary = loginflow::run(*args, loginflow::shutdown_signal()).await?;
+            println!("{}", serde_json::to_string_pretty(&summary_json(&summary))?);
+        }
+        Command::Migrate(args) => {
+            Sink::new(args.database_url, 1).migrate().await.context("migration failed")?;
+            println!("schema is up to date");
+        }
+        Command::Seed(args) => {
+            loginflow::config::validate_queue_url(&args.sqs.queue_url)?;
+            let client = sqs::client(&args.sqs).await;
+            let queue_url = seed::ensure_queue(&client, args.sqs.queue_name(), args.max_receive_count).await?;
+            let bodies = match (&args.file, args.count) {
+                (Some(path), _) => seed::bodies_from_file(path)?,
+                (None, Some(count)) => seed::synthetic(count, args.rng_seed).map(|v| v.to_string()).collect(),
+                (None, None) => anyhow::bail!("seed needs --file PATH or --count N"),
+            };
+            let sent = seed::publish(&client, &queue_url, bodies).await?;
+            println!("published {sent} messages to {queue_url}");
+        }
+        Command::Generate(args) => {
+            let records: Vec<serde_json::Value> = seed::synthetic(args.count, args.rng_seed).collect();
+            println!("{}", serde_json::to_string_pretty(&records)?);
+        }
+    }
+    Ok(())
+}
+
+fn summary_json(summary: &loginflow::RunSummary) -> serde_json::Value {
+    serde_json::json!({
+        "received": summary.received,
+        "written": summary.written,
+        "quarantined": summary.quarantined,
+        "quarantined_by_reason": summary.quarantined_by_reason.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        "duplicates": summary.duplicates,
+        "deleted": summary.deleted,
+        "delete_failures": summary.delete_failures,
+        "abandoned": summary.abandoned,
+    })
+}

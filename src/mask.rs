@@ -1,0 +1,245 @@
+//! Mask: keyed, deterministic HMAC-SHA256 of the PII fields, as lower-case hex.
+//!
+//! Equal inputs give equal masks (analysts can group and count), but without the
+//! key nobody can enumerate the 2^32 IPv4 space or the 10^9 device ids.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::decode::{Reason, Rejection, ValidLogin};
+
+/// The JSON keys treated as PII wherever they appear in a body.
+pub const PII_KEYS: [&str; 2] = ["ip", "device_id"];
+
+/// Computes masks under one secret key.
+#[derive(Clone)]
+pub struct Masker {
+    // The keyed state after absorbing the key; cloning it skips re-keying per value.
+    keyed: Hmac<Sha256>,
+}
+
+impl std::fmt::Debug for Masker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Masker(<key redacted>)")
+    }
+}
+
+impl Masker {
+    /// A masker keyed by `key` (any length is accepted by HMAC; config enforces the minimum).
+    pub fn new(key: &SecretString) -> Masker {
+        let keyed =
+            Hmac::<Sha256>::new_from_slice(key.expose_secret().as_bytes()).expect("HMAC accepts keys of any length");
+        Masker { keyed }
+    }
+
+    /// Lower-case hex HMAC-SHA256 of `value`.
+    pub fn mask(&self, value: &str) -> String {
+        let digest = self.keyed.clone().chain_update(value.as_bytes()).finalize().into_bytes();
+        hex::encode(digest)
+    }
+
+    /// Turns a valid login into the only record type the sink accepts.
+    pub fn mask_login(&self, login: ValidLogin, meta: MessageMeta) -> MaskedLogin {
+        MaskedLogin {
+            masked_ip: self.mask(login.ip.expose()),
+            masked_device_id: self.mask(login.device_id.expose()),
+            message_id: meta.message_id,
+            sent_at: meta.sent_at,
+            user_id: login.user_id,
+            device_type: login.device_type,
+            locale: login.locale,
+            app_version: login.app_version.code,
+            app_version_text: login.app_version.text,
+        }
+    }
+
+    /// The quarantine record of a rejected body, PII masked.
+    pub fn quarantine(&self, rejection: Rejection, body: &str, meta: MessageMeta) -> QuarantineRecord {
+        QuarantineRecord {
+            message_id: meta.message_id,
+            reason: rejection.reason,
+            detail: rejection.detail,
+            masked_body: self.mask_body(body),
+            sent_at: meta.sent_at,
+        }
+    }
+
+    /// A quarantine-safe copy of a body: every `ip`/`device_id` value at any depth is
+    /// replaced by its mask. A body that is not JSON has every token that could be an
+    /// address or id (a run of hex digits, dots, colons and dashes holding a digit or colon)
+    /// replaced by `<masked>`, since its fields cannot be told apart.
+    pub fn mask_body(&self, body: &str) -> String {
+        match serde_json::from_str::<Value>(body) {
+            Ok(mut value) => {
+                self.mask_value(&mut value);
+                value.to_string()
+            }
+            Err(_) => scrub_tokens(body),
+        }
+    }
+
+    fn mask_value(&self, value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                for (key, field) in map.iter_mut() {
+                    if PII_KEYS.iter().any(|pii| key.eq_ignore_ascii_case(pii)) {
+                        let masked = match &*field {
+                            Value::String(s) => self.mask(s),
+                            Value::Null => continue,
+                            other => self.mask(&other.to_string()),
+                        };
+                        *field = Value::String(masked);
+                    } else {
+                        self.mask_value(field);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|item| self.mask_value(item)),
+            _ => {}
+        }
+    }
+}
+
+fn scrub_tokens(body: &str) -> String {
+    let is_token_char = |c: char| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '-');
+    let mut out = String::with_capacity(body.len());
+    let mut token = String::new();
+    let flush = |token: &mut String, out: &mut String| {
+        let sensitive = token.len() >= 2 && token.chars().any(|c| c.is_ascii_digit() || c == ':');
+        out.push_str(if sensitive { "<masked>" } else { token });
+        token.clear();
+    };
+    for c in body.chars() {
+        if is_token_char(c) {
+            token.push(c);
+        } else {
+            flush(&mut token, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut token, &mut out);
+    out
+}
+
+/// What the pipeline knows of a message besides its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageMeta {
+    pub message_id: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// A login ready for `user_logins`: PII already masked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MaskedLogin {
+    pub message_id: String,
+    pub user_id: String,
+    pub device_type: String,
+    pub masked_ip: String,
+    pub masked_device_id: String,
+    pub locale: Option<String>,
+    pub app_version: i32,
+    pub app_version_text: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+impl MaskedLogin {
+    /// The UTC date of the event, the `create_date` column.
+    pub fn create_date(&self) -> NaiveDate {
+        self.sent_at.date_naive()
+    }
+}
+
+/// A message that cannot become a row, ready for `user_logins_quarantine`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineRecord {
+    pub message_id: String,
+    pub reason: Reason,
+    pub detail: Option<String>,
+    /// The body with every PII value masked.
+    pub masked_body: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+impl QuarantineRecord {
+    /// Quarantines a masked row that PostgreSQL refused, keeping the SQLSTATE.
+    pub fn db_rejected(login: &MaskedLogin, sqlstate: &str) -> QuarantineRecord {
+        QuarantineRecord {
+            message_id: login.message_id.clone(),
+            reason: Reason::DbRejected,
+            detail: Some(sqlstate.to_owned()),
+            masked_body: serde_json::to_string(login).unwrap_or_default(),
+            sent_at: login.sent_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::decode;
+
+    fn masker(key: &str) -> Masker {
+        Masker::new(&SecretString::from(key.to_owned()))
+    }
+
+    #[test]
+    fn matches_the_rfc4231_vector() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        assert_eq!(
+            masker("Jefe").mask("what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn deterministic_per_key_and_different_across_keys() {
+        let a = masker(&"a".repeat(32));
+        let b = masker(&"b".repeat(32));
+        assert_eq!(a.mask("10.0.0.1"), a.mask("10.0.0.1"));
+        assert_ne!(a.mask("10.0.0.1"), a.mask("10.0.0.2"));
+        assert_ne!(a.mask("10.0.0.1"), b.mask("10.0.0.1"));
+        assert_eq!(a.mask("x").len(), 64);
+    }
+
+    #[test]
+    fn masked_login_has_no_raw_pii() {
+        let m = masker(&"k".repeat(32));
+        let body = r#"{"user_id":"u1","app_version":"0.96","device_type":"ios","ip":"199.172.111.135","locale":null,"device_id":"593-47-5928"}"#;
+        let meta = MessageMeta {
+            message_id: "m1".into(),
+            sent_at: DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+        };
+        let row = m.mask_login(decode(body).unwrap(), meta);
+        assert_eq!(row.masked_ip, m.mask("199.172.111.135"));
+        assert_eq!(row.masked_device_id, m.mask("593-47-5928"));
+        assert_eq!(row.create_date().to_string(), "2023-11-14");
+        let printed = format!("{row:?} {}", serde_json::to_string(&row).unwrap());
+        assert!(!printed.contains("199.172.111.135") && !printed.contains("593-47-5928"));
+    }
+
+    #[test]
+    fn body_masking_reaches_nested_and_odd_typed_fields() {
+        let m = masker(&"k".repeat(32));
+        let body = r#"{"ip":"1.2.3.4","nested":{"device_id":"111-22-3333","list":[{"IP":"5.6.7.8"}]},"device_id":12345,"user_id":"keep"}"#;
+        let masked = m.mask_body(body);
+        for raw in ["1.2.3.4", "111-22-3333", "5.6.7.8", "12345"] {
+            assert!(!masked.contains(raw), "{raw} leaked: {masked}");
+        }
+        assert!(masked.contains(&m.mask("1.2.3.4")));
+        assert!(masked.contains("keep"));
+    }
+
+    #[test]
+    fn non_json_bodies_are_scrubbed() {
+        let m = masker(&"k".repeat(32));
+        let masked = m.mask_body(r#"{"ip":"10.1.2.3","device_id":"593-47-5928", "v6":"fe80::1" trunc"#);
+        for raw in ["10.1.2.3", "593-47-5928", "fe80::1"] {
+            assert!(!masked.contains(raw), "{raw} leaked: {masked}");
+        }
+        assert!(masked.contains("trunc"));
+    }
+}

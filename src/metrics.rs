@@ -1,0 +1,119 @@
+//! Metric names, their help text, and the Prometheus recorder.
+//!
+//! All names live here so dashboards, alerts and code agree. Labels come from
+//! fixed sets (stage, reason, outcome, kind): never ids, values or error text.
+
+use std::sync::OnceLock;
+
+pub use ::metrics::{counter, gauge, histogram};
+use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::decode::Reason;
+
+pub const MESSAGES_RECEIVED: &str = "loginflow_messages_received_total";
+pub const RECORDS_WRITTEN: &str = "loginflow_records_written_total";
+pub const DUPLICATES_DROPPED: &str = "loginflow_duplicates_dropped_total";
+pub const QUARANTINED: &str = "loginflow_quarantined_total";
+pub const SQS_DELETES: &str = "loginflow_sqs_deletes_total";
+pub const VISIBILITY_EXTENSIONS: &str = "loginflow_visibility_extensions_total";
+pub const ERRORS: &str = "loginflow_errors_total";
+pub const RETRIES: &str = "loginflow_retries_total";
+pub const BATCH_SIZE: &str = "loginflow_batch_size_messages";
+pub const FLUSH_DURATION: &str = "loginflow_flush_duration_seconds";
+pub const END_TO_END_LATENCY: &str = "loginflow_end_to_end_latency_seconds";
+pub const INFLIGHT_MESSAGES: &str = "loginflow_inflight_messages";
+pub const DEDUP_CACHE_ENTRIES: &str = "loginflow_dedup_cache_entries";
+pub const BUILD_INFO: &str = "loginflow_build_info";
+
+/// Pipeline stages, the `stage` label.
+pub const STAGES: [&str; 5] = ["source", "decode", "sink", "ack", "visibility"];
+/// Where a duplicate was caught, the `stage` label of [`DUPLICATES_DROPPED`].
+pub const DUPLICATE_STAGES: [&str; 2] = ["cache", "database"];
+/// Outcomes of a delete, the `outcome` label of [`SQS_DELETES`] and [`VISIBILITY_EXTENSIONS`].
+pub const OUTCOMES: [&str; 2] = ["success", "failure"];
+/// Error kinds, the `kind` label of [`ERRORS`].
+pub const ERROR_KINDS: [&str; 3] = ["transient", "rejected_record", "gave_up"];
+
+const SIZE_BUCKETS: [f64; 12] = [1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
+const SECONDS_BUCKETS: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const LATENCY_BUCKETS: [f64; 14] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global Prometheus recorder once per process, describes and
+/// registers every series, and returns the handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &SIZE_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &SECONDS_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), &LATENCY_BUCKETS))
+                .expect("bucket lists are non-empty constants")
+                .install_recorder()
+                .expect("the metrics recorder is installed only here, once");
+            describe_all();
+            register_all();
+            handle
+        })
+        .clone()
+}
+
+/// Help text for every metric; must run after the recorder is installed.
+pub fn describe_all() {
+    describe_counter!(MESSAGES_RECEIVED, Unit::Count, "SQS messages received.");
+    describe_counter!(RECORDS_WRITTEN, Unit::Count, "Rows committed to user_logins.");
+    describe_counter!(
+        DUPLICATES_DROPPED,
+        Unit::Count,
+        "Duplicate messages dropped, by where they were caught (cache, database)."
+    );
+    describe_counter!(QUARANTINED, Unit::Count, "Messages committed to user_logins_quarantine, by reason.");
+    describe_counter!(SQS_DELETES, Unit::Count, "SQS messages deleted after commit, by outcome.");
+    describe_counter!(VISIBILITY_EXTENSIONS, Unit::Count, "Visibility timeout extensions, by outcome.");
+    describe_counter!(ERRORS, Unit::Count, "Errors, by stage and kind (transient, rejected_record, gave_up).");
+    describe_counter!(RETRIES, Unit::Count, "Retried calls, by stage.");
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Messages per flushed batch.");
+    describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time to write and commit one batch.");
+    describe_histogram!(END_TO_END_LATENCY, Unit::Seconds, "SentTimestamp to commit, per record.");
+    describe_gauge!(INFLIGHT_MESSAGES, Unit::Count, "Messages received and not yet deleted.");
+    describe_gauge!(DEDUP_CACHE_ENTRIES, Unit::Count, "Entries in the dedup cache.");
+    describe_gauge!(BUILD_INFO, "Build information; always 1.");
+}
+
+/// Creates every labelled series at zero, so dashboards and alerts have data before the first event.
+pub fn register_all() {
+    counter!(MESSAGES_RECEIVED).absolute(0);
+    counter!(RECORDS_WRITTEN).absolute(0);
+    for stage in DUPLICATE_STAGES {
+        counter!(DUPLICATES_DROPPED, "stage" => stage).absolute(0);
+    }
+    for reason in Reason::ALL {
+        counter!(QUARANTINED, "reason" => reason.as_str()).absolute(0);
+    }
+    for outcome in OUTCOMES {
+        counter!(SQS_DELETES, "outcome" => outcome).absolute(0);
+        counter!(VISIBILITY_EXTENSIONS, "outcome" => outcome).absolute(0);
+    }
+    for stage in STAGES {
+        counter!(RETRIES, "stage" => stage).absolute(0);
+        for kind in ERROR_KINDS {
+            counter!(ERRORS, "stage" => stage, "kind" => kind).absolute(0);
+        }
+    }
+    gauge!(INFLIGHT_MESSAGES).set(0.0);
+    gauge!(DEDUP_CACHE_ENTRIES).set(0.0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Counts one error of a stage.
+pub fn error(stage: &'static str, kind: &'static str) {
+    counter!(ERRORS, "stage" => stage, "kind" => kind).increment(1);
+}
+
+/// Counts one retry of a stage.
+pub fn retry(stage: &'static str) {
+    counter!(RETRIES, "stage" => stage).increment(1);
+}
