@@ -19,7 +19,7 @@ pub const MIN_MASK_KEY_BYTES: usize = 32;
 
 /// loginflow: user-login events from SQS, deduplicated and PII-masked, into PostgreSQL.
 #[derive(Debug, Parser)]
-#[command(name = "loginflow", version, about, long_about = None)]
+#[command(name = "loginflow", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

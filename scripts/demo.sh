@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole job end to end on this machine: start PostgreSQL and the SQS emulator if none
+# is reachable, seed the sample, drain it into PostgreSQL with `loginflow run --drain`,
+# and print a summary with a few masked rows.
+#
+#   SAMPLE=path/to/records.json scripts/demo.sh     # another JSON array of records
+#   MASK_KEY=... scripts/demo.sh                     # your own key (else a throw-away one)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+SAMPLE=${SAMPLE:-data/sample_logins.json}
+DEMO_DATABASE=${DEMO_DATABASE:-loginflow_demo}
+
+trap services_down EXIT
+services_up
+ADMIN_URL=$DATABASE_URL
+export DATABASE_URL="${ADMIN_URL%/*}/$DEMO_DATABASE"
+export QUEUE_URL=${QUEUE_URL:-http://127.0.0.1:$SQS_PORT/000000000000/login-queue}
+if [ -z "${MASK_KEY:-}" ] && [ -z "${MASK_KEY_FILE:-}" ]; then
+  MASK_KEY="demo-throwaway-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  export MASK_KEY
+  echo "[demo] MASK_KEY is not set: using a throw-away key for this demo only (masks will differ from other runs)"
+fi
+
+echo "[demo] building loginflow"
+cargo build --quiet --bin loginflow
+bin=target/debug/loginflow
+
+echo "[demo] fresh database $DEMO_DATABASE"
+psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $DEMO_DATABASE" -c "CREATE DATABASE $DEMO_DATABASE"
+
+echo "[demo] seeding $SAMPLE"
+seeded=$("$bin" seed --file "$SAMPLE")
+echo "[demo] $seeded"
+export QUEUE_URL=${seeded##* to }
+
+echo "[demo] loginflow run --drain"
+export METRICS_ADDR=${METRICS_ADDR:-127.0.0.1:0} RECEIVE_WAIT_SECS=${RECEIVE_WAIT_SECS:-2}
+summary=$(timeout 300 "$bin" run --drain)
+
+echo
+echo "== summary (loginflow run --drain)"
+echo "$summary"
+echo
+echo "== in PostgreSQL"
+psql -q "$DATABASE_URL" -P footer=off -c "
+  SELECT (SELECT count(*) FROM user_logins)                          AS rows_written,
+         (SELECT count(*) FROM user_logins WHERE locale IS NULL)     AS null_locale,
+         (SELECT count(*) FROM user_logins_quarantine)               AS quarantined,
+         (SELECT count(*) - count(DISTINCT message_id) FROM user_logins) AS duplicate_rows"
+psql -q "$DATABASE_URL" -P footer=off -c "SELECT reason, detail, left(masked_body, 60) AS masked_body FROM user_logins_quarantine"
+psql -q "$DATABASE_URL" -P footer=off -c "
+  SELECT user_id, device_type, left(masked_ip, 16) || '…' AS masked_ip,
+         left(masked_device_id, 16) || '…' AS masked_device_id, locale, app_version, app_version_string, create_date
+  FROM user_logins_readable ORDER BY sent_at, user_id LIMIT 5"

@@ -1,0 +1,172 @@
+//! Test fixtures: every test gets its own database and its own queue on the real
+//! PostgreSQL and SQS emulator started by `scripts/test.sh`.
+
+use std::time::Duration;
+
+use aws_sdk_sqs::Client;
+use clap::Parser;
+use loginflow::config::{Cli, Command, RunArgs, SqsArgs};
+use loginflow::sink::Sink;
+use loginflow::RunSummary;
+
+/// The masking key of every test.
+pub const MASK_KEY: &str = "integration-test-key-0123456789abcdef";
+/// The longest any single drain may take before the test fails.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the integration tests through scripts/test.sh, which starts PostgreSQL and the SQS emulator")
+    })
+}
+
+/// One test's private database and queue.
+pub struct TestEnv {
+    pub database_url: String,
+    pub queue_url: String,
+    pub endpoint: String,
+    pub sqs: Client,
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+impl TestEnv {
+    /// A fresh database (no schema yet) and a fresh queue with a dead-letter queue.
+    pub async fn new() -> TestEnv {
+        let admin_url = required_env("LOGINFLOW_TEST_DATABASE_URL");
+        let endpoint = required_env("AWS_ENDPOINT_URL");
+        let id = short_id();
+        let database = format!("lf_{id}");
+        let admin = connect(&admin_url).await;
+        admin.batch_execute(&format!("CREATE DATABASE {database}")).await.expect("create test database");
+        let (base, _) = admin_url.rsplit_once('/').expect("database URL has a path");
+        let database_url = format!("{base}/{database}");
+
+        let sqs = loginflow::sqs::client(&sqs_args(&endpoint, "http://unused/0/unused")).await;
+        let queue_url = loginflow::seed::ensure_queue(&sqs, &format!("test-{id}"), 5).await.expect("create queue");
+        TestEnv { database_url, queue_url, endpoint, sqs }
+    }
+
+    /// `loginflow run --drain` arguments for this environment, plus `extra` flags.
+    pub fn run_args(&self, extra: &[&str]) -> RunArgs {
+        let mut argv = vec![
+            "loginflow",
+            "run",
+            "--drain",
+            "--queue-url",
+            &self.queue_url,
+            "--aws-endpoint-url",
+            &self.endpoint,
+            "--database-url",
+            &self.database_url,
+            "--mask-key",
+            MASK_KEY,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--receive-wait-secs",
+            "1",
+            "--batch-max-wait-ms",
+            "200",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("test arguments parse").command {
+            Command::Run(args) => *args,
+            _ => unreachable!("argv starts with run"),
+        }
+    }
+
+    /// Environment variables for running the `loginflow` binary against this environment.
+    pub fn binary_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("QUEUE_URL", self.queue_url.clone()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("DATABASE_URL", self.database_url.clone()),
+            ("MASK_KEY", MASK_KEY.to_owned()),
+            ("METRICS_ADDR", "127.0.0.1:0".to_owned()),
+            ("RECEIVE_WAIT_SECS", "1".to_owned()),
+        ]
+    }
+
+    /// Runs the pipeline in-process until the queue is drained.
+    pub async fn drain(&self, extra: &[&str]) -> RunSummary {
+        let run = loginflow::run(self.run_args(extra), std::future::pending());
+        tokio::time::timeout(DRAIN_TIMEOUT, run).await.expect("drain finished in time").expect("run succeeded")
+    }
+
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect(&self.database_url).await
+    }
+
+    /// The sink of this environment's database, schema created.
+    pub async fn migrated_sink(&self) -> Sink {
+        let sink = Sink::new(self.database_url.parse().expect("test database URL"), 2);
+        sink.migrate().await.expect("migrate");
+        sink
+    }
+
+    /// Sends bodies one call per ten; returns nothing (use `send_each` for message ids).
+    pub async fn publish(&self, bodies: Vec<String>) {
+        let n = bodies.len();
+        let sent = loginflow::seed::publish(&self.sqs, &self.queue_url, bodies).await.expect("publish");
+        assert_eq!(sent, n);
+    }
+
+    /// Sends each body on its own and returns the message ids, in order.
+    pub async fn send_each(&self, bodies: &[String]) -> Vec<String> {
+        let mut ids = Vec::new();
+        for body in bodies {
+            let out = self.sqs.send_message().queue_url(&self.queue_url).message_body(body).send().await.expect("send");
+            ids.push(out.message_id.expect("message id"));
+        }
+        ids
+    }
+
+    /// Asserts the queue holds nothing visible, in flight or delayed.
+    pub async fn assert_queue_empty(&self) {
+        let depth = loginflow::sqs::queue_depth(&self.sqs, &self.queue_url).await.expect("queue depth");
+        assert!(depth.is_empty(), "queue not empty: {depth:?}");
+    }
+}
+
+pub fn sqs_args(endpoint: &str, queue_url: &str) -> SqsArgs {
+    SqsArgs {
+        queue_url: queue_url.to_owned(),
+        aws_endpoint_url: Some(endpoint.to_owned()),
+        aws_region: "us-east-1".to_owned(),
+        aws_access_key_id: None,
+        aws_secret_access_key: None,
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to postgres");
+    tokio::spawn(connection);
+    client
+}
+
+/// The expected mask, computed independently of loginflow's masker.
+pub fn hmac_hex(value: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(MASK_KEY.as_bytes()).expect("any key length");
+    mac.update(value.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Every row of both tables as text, for leak scans.
+pub async fn dump_tables(db: &tokio_postgres::Client) -> String {
+    let mut text = String::new();
+    for table in ["user_logins", "user_logins_quarantine"] {
+        for row in db.query(&format!("SELECT t::text FROM {table} t"), &[]).await.expect("dump") {
+            text.push_str(row.get::<_, &str>(0));
+            text.push('\n');
+        }
+    }
+    text
+}
+
+/// Synthetic bodies from the project's generator.
+pub fn synthetic_bodies(count: u64, seed: u64) -> Vec<String> {
+    loginflow::seed::synthetic(count, seed).map(|v| v.to_string()).collect()
+}

@@ -1,0 +1,5 @@
+//! Integration tests: one binary, each test with its own database and queue on the real
+//! PostgreSQL and SQS emulator that `scripts/test.sh` starts.
+
+mod helpers;
+mod pipeline;

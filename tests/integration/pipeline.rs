@@ -1,0 +1,306 @@
+//! The pipeline end to end, against real PostgreSQL and a real SQS emulator.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+
+use chrono::{Duration as ChronoDuration, Utc};
+use loginflow::decode::{decode, AppVersion};
+use loginflow::mask::{Masker, MessageMeta};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+async fn run_binary(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_loginflow"));
+    command.args(args).envs(env.binary_env()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    tokio::time::timeout(DRAIN_TIMEOUT, command.output()).await.expect("binary finished in time").expect("binary ran")
+}
+
+#[tokio::test]
+async fn sample_drains_into_masked_rows_and_quarantine_with_nothing_leaked() {
+    let env = TestEnv::new().await;
+    let sample_path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample_logins.json");
+    let sample: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(sample_path).unwrap()).unwrap();
+    let valid: Vec<&Value> = sample.iter().filter(|r| r.get("user_id").is_some()).collect();
+    assert_eq!((sample.len(), valid.len()), (100, 99), "the project's sample has the task sample's shape");
+    let started = Utc::now() - ChronoDuration::seconds(5);
+
+    let debug_logs = [("RUST_LOG", "trace")];
+    let seeded = run_binary(&env, &["seed", "--file", sample_path], &debug_logs).await;
+    assert!(seeded.status.success(), "seed failed: {}", String::from_utf8_lossy(&seeded.stderr));
+    let ran = run_binary(&env, &["run", "--drain"], &debug_logs).await;
+    let logs = format!(
+        "{}{}{}",
+        String::from_utf8_lossy(&seeded.stderr),
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(ran.status.success(), "run failed: {logs}");
+    let summary: Value = serde_json::from_slice(&ran.stdout).expect("run prints a JSON summary");
+    assert_eq!(summary["written"], 99);
+    assert_eq!(summary["quarantined"], 1);
+    assert_eq!(summary["deleted"], 100);
+
+    let db = env.db().await;
+    let rows = db
+        .query(
+            "SELECT user_id, device_type, masked_ip, masked_device_id, locale, app_version, app_version_text,
+                    loginflow_app_version_text(app_version), create_date = (sent_at AT TIME ZONE 'UTC')::date,
+                    sent_at >= $1 AND sent_at <= now()
+             FROM user_logins",
+            &[&started],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 99);
+    let by_user: HashMap<&str, &Value> = valid.iter().map(|r| (r["user_id"].as_str().unwrap(), *r)).collect();
+    let mut null_locales = 0;
+    for row in &rows {
+        let source = by_user[row.get::<_, &str>(0)];
+        assert_eq!(row.get::<_, &str>(1), source["device_type"].as_str().unwrap());
+        assert_eq!(row.get::<_, String>(2), hmac_hex(source["ip"].as_str().unwrap()));
+        assert_eq!(row.get::<_, String>(3), hmac_hex(source["device_id"].as_str().unwrap()));
+        assert_eq!(row.get::<_, Option<&str>>(4), source["locale"].as_str());
+        null_locales += usize::from(row.get::<_, Option<&str>>(4).is_none());
+        let version = source["app_version"].as_str().unwrap();
+        assert_eq!(row.get::<_, &str>(6), version);
+        assert_eq!(row.get::<_, &str>(7), version, "the integer decodes back to the original string");
+        assert_eq!(AppVersion::parse(version).unwrap().code, row.get::<_, i32>(5));
+        assert!(row.get::<_, bool>(8), "create_date is the UTC date of SentTimestamp");
+        assert!(row.get::<_, bool>(9), "sent_at is the time the message was sent");
+    }
+    assert_eq!(null_locales, 29);
+
+    let quarantine = db.query("SELECT reason, detail, masked_body FROM user_logins_quarantine", &[]).await.unwrap();
+    assert_eq!(quarantine.len(), 1);
+    assert_eq!(quarantine[0].get::<_, &str>(0), "missing_field");
+    assert_eq!(quarantine[0].get::<_, Option<&str>>(1), Some("user_id"));
+    assert!(quarantine[0].get::<_, &str>(2).contains("oops_wrong_msg_type"));
+
+    env.assert_queue_empty().await;
+    let tables = dump_tables(&db).await;
+    assert!(logs.contains("queue drained"), "logs were captured: {logs}");
+    for record in &valid {
+        for field in ["ip", "device_id"] {
+            let raw = record[field].as_str().unwrap();
+            assert!(!tables.contains(raw), "raw {field} in the database");
+            assert!(!logs.contains(raw), "raw {field} in the logs");
+        }
+    }
+}
+
+#[tokio::test]
+async fn redelivered_messages_whose_rows_committed_are_not_written_twice() {
+    let env = TestEnv::new().await;
+    let sink = env.migrated_sink().await;
+    env.publish(synthetic_bodies(200, 11)).await;
+
+    // Play a run that committed half of the messages and died before deleting them.
+    let mut received = Vec::new();
+    while received.len() < 200 {
+        let out = env
+            .sqs
+            .receive_message()
+            .queue_url(&env.queue_url)
+            .max_number_of_messages(10)
+            .visibility_timeout(2)
+            .send()
+            .await
+            .unwrap();
+        received.extend(out.messages.unwrap_or_default());
+    }
+    let masker = Masker::new(&SecretString::from(MASK_KEY));
+    let committed: Vec<_> = received
+        .iter()
+        .filter_map(|m| {
+            let login = decode(m.body()?).ok()?;
+            Some(masker.mask_login(login, MessageMeta { message_id: m.message_id()?.to_owned(), sent_at: Utc::now() }))
+        })
+        .take(100)
+        .collect();
+    assert_eq!(committed.len(), 100);
+    sink.write(&committed, &[]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+
+    let summary = env.drain(&[]).await;
+    assert_eq!(summary.received, 200);
+    assert_eq!(summary.duplicates, 100, "the unique message id caught every redelivery");
+    assert_eq!(summary.written, 98);
+
+    let db = env.db().await;
+    let row = db.query_one("SELECT count(*), count(DISTINCT message_id) FROM user_logins", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (198, 198));
+    env.assert_queue_empty().await;
+
+    // Writing a committed batch again is a no-op as well.
+    let again = sink.write(&committed, &[]).await.unwrap();
+    assert_eq!((again.written, again.already_stored), (0, 100));
+}
+
+#[tokio::test]
+async fn two_processes_on_one_queue_write_each_message_exactly_once() {
+    let env = TestEnv::new().await;
+    env.publish(synthetic_bodies(1000, 12)).await;
+
+    let (a, b) = tokio::join!(env.drain(&["--pollers", "2"]), env.drain(&["--pollers", "2"]));
+
+    assert_eq!(a.received + b.received, 1000 + a.duplicates + b.duplicates);
+    assert_eq!(a.written + b.written, 990);
+    assert_eq!(a.quarantined + b.quarantined, 10);
+    let db = env.db().await;
+    let row = db.query_one("SELECT count(*), count(DISTINCT message_id) FROM user_logins", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (990, 990));
+    let quarantined: i64 = db.query_one("SELECT count(*) FROM user_logins_quarantine", &[]).await.unwrap().get(0);
+    assert_eq!(quarantined, 10);
+    env.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn a_row_the_database_rejects_is_quarantined_and_its_batch_still_written() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    // A rule the validator does not know: stands in for any row PostgreSQL refuses.
+    env.db()
+        .await
+        .batch_execute("ALTER TABLE user_logins ADD CONSTRAINT no_marker CHECK (device_type <> 'db-rejects-this')")
+        .await
+        .unwrap();
+    let mut bodies = synthetic_bodies(30, 13);
+    let mut poisoned: Value = serde_json::from_str(&bodies[5]).unwrap();
+    poisoned["device_type"] = json!("db-rejects-this");
+    let poisoned_ip = poisoned["ip"].as_str().unwrap().to_owned();
+    bodies[5] = poisoned.to_string();
+    env.publish(bodies).await;
+
+    // One poller and a long window: the poisoned row shares its batch with the others.
+    let summary = env.drain(&["--pollers", "1", "--batch-max-wait-ms", "3000"]).await;
+    assert_eq!((summary.written, summary.quarantined), (29, 1));
+
+    let db = env.db().await;
+    let rows: i64 = db.query_one("SELECT count(*) FROM user_logins", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 29);
+    let q = db.query_one("SELECT reason, detail, masked_body FROM user_logins_quarantine", &[]).await.unwrap();
+    assert_eq!(q.get::<_, &str>(0), "db_rejected");
+    assert_eq!(q.get::<_, &str>(1), "23514", "the SQLSTATE of a check violation");
+    assert!(q.get::<_, &str>(2).contains(&hmac_hex(&poisoned_ip)));
+    assert!(!q.get::<_, &str>(2).contains(&poisoned_ip));
+    env.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn migration_upgrades_a_table_made_from_the_reference_ddl_and_keeps_its_rows() {
+    let env = TestEnv::new().await;
+    env.db()
+        .await
+        .batch_execute(
+            "CREATE TABLE user_logins(
+                 user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+                 masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date);
+             INSERT INTO user_logins VALUES ('legacy', 'ios', 'a', 'b', 'US', 230, '2020-01-01'),
+                                            ('legacy-2', 'android', 'c', 'd', NULL, 96, '2020-01-02');",
+        )
+        .await
+        .unwrap();
+    env.publish(synthetic_bodies(20, 14)).await;
+
+    let summary = env.drain(&[]).await;
+    assert_eq!(summary.written, 20);
+    env.migrated_sink().await; // running it again changes nothing
+
+    let db = env.db().await;
+    let legacy = db
+        .query(
+            "SELECT user_id, app_version, create_date::text FROM user_logins WHERE message_id IS NULL ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let legacy: Vec<(String, i32, String)> = legacy.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        legacy,
+        [("legacy".into(), 230, "2020-01-01".into()), ("legacy-2".into(), 96, "2020-01-02".into())],
+        "rows from before the upgrade are untouched"
+    );
+    let total: i64 = db.query_one("SELECT count(*) FROM user_logins", &[]).await.unwrap().get(0);
+    assert_eq!(total, 22);
+}
+
+#[tokio::test]
+async fn hostile_bodies_are_quarantined_with_their_reasons_and_valid_ones_written() {
+    let env = TestEnv::new().await;
+    let good = json!({"user_id": "u-ok", "app_version": "2.3.0", "device_type": "ios", "ip": "10.20.30.40",
+                      "locale": "US", "device_id": "123-45-6789"});
+    let with = |field: &str, value: Value| {
+        let mut v = good.clone();
+        v[field] = value;
+        v.to_string()
+    };
+    let cases: Vec<(String, Option<&str>)> = vec![
+        ("   ".into(), Some("empty_body")),
+        ("not json at all, 10.20.30.41".into(), Some("invalid_json")),
+        (r#"{"ip":"10.20.30.42","device_id":"999-88-7777""#.into(), Some("invalid_json")),
+        ("[1,2,3]".into(), Some("not_an_object")),
+        ("null".into(), Some("not_an_object")),
+        (with("user_id", Value::Null), Some("null_field")),
+        (with("ip", json!(1234567)), Some("wrong_type")),
+        (with("app_version", json!(2.3)), Some("wrong_type")),
+        (with("device_type", json!("x".repeat(33))), Some("too_long")),
+        (with("ip", json!("10.20.30.400")), Some("invalid_ip")),
+        (with("app_version", json!("2.3.0-beta")), Some("invalid_app_version")),
+        (with("locale", json!("a\u{0}b")), Some("invalid_character")),
+        (json!({"nested": {"ip": "10.20.30.43", "device_id": "111-22-3333"}}).to_string(), Some("missing_field")),
+        // Valid, though odd: IPv6, unicode and SQL-looking text, extra fields, a large body.
+        (with("ip", json!("2001:db8::42")), None),
+        (with("user_id", json!("ユーザー'); DROP TABLE user_logins;--")), None),
+        (with("padding", json!("p".repeat(200_000))), None),
+    ];
+    let bodies: Vec<String> = cases.iter().map(|(body, _)| body.clone()).collect();
+    let ids = env.send_each(&bodies).await;
+
+    let summary = env.drain(&[]).await;
+    assert_eq!(summary.written, 3);
+    assert_eq!(summary.quarantined, 13);
+
+    let db = env.db().await;
+    let quarantine: HashMap<String, String> = db
+        .query("SELECT message_id, reason FROM user_logins_quarantine", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let written: HashSet<String> =
+        db.query("SELECT message_id FROM user_logins", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    for ((body, expected), id) in cases.iter().zip(&ids) {
+        match expected {
+            Some(reason) => assert_eq!(quarantine.get(id).map(String::as_str), Some(*reason), "body {body:.80}"),
+            None => assert!(written.contains(id), "body {body:.80} was not written"),
+        }
+    }
+    let sql_like: String =
+        db.query_one("SELECT user_id FROM user_logins WHERE user_id LIKE 'ユーザー%'", &[]).await.unwrap().get(0);
+    assert_eq!(sql_like, "ユーザー'); DROP TABLE user_logins;--");
+    let tables = dump_tables(&db).await;
+    for raw in ["10.20.30.4", "123-45-6789", "999-88-7777", "111-22-3333", "2001:db8::42", "1234567"] {
+        assert!(!tables.contains(raw), "{raw} leaked into the database");
+    }
+    env.assert_queue_empty().await;
+}
+
+#[tokio::test]
+async fn startup_refuses_a_short_mask_key_without_printing_it() {
+    let env = TestEnv::new().await;
+    let output = run_binary(&env, &["run", "--drain"], &[("MASK_KEY", "tooshort-secret")]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("MASK_KEY") && stderr.contains("at least 32 bytes"), "{stderr}");
+    assert!(!stderr.contains("tooshort-secret"), "the key was printed: {stderr}");
+
+    let output = run_binary(&env, &["run", "--drain"], &[("BATCH_MAX_ROWS", "many")]).await;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("BATCH_MAX_ROWS"));
+}
