@@ -24,6 +24,7 @@ pub const FLUSH_DURATION: &str = "loginflow_flush_duration_seconds";
 pub const END_TO_END_LATENCY: &str = "loginflow_end_to_end_latency_seconds";
 pub const INFLIGHT_MESSAGES: &str = "loginflow_inflight_messages";
 pub const DEDUP_CACHE_ENTRIES: &str = "loginflow_dedup_cache_entries";
+pub const QUEUE_MESSAGES: &str = "loginflow_queue_messages";
 pub const BUILD_INFO: &str = "loginflow_build_info";
 
 /// Pipeline stages, the `stage` label.
@@ -32,6 +33,8 @@ pub const STAGES: [&str; 5] = ["source", "decode", "sink", "ack", "visibility"];
 pub const DUPLICATE_STAGES: [&str; 2] = ["cache", "database"];
 /// Outcomes of a delete, the `outcome` label of [`SQS_DELETES`] and [`VISIBILITY_EXTENSIONS`].
 pub const OUTCOMES: [&str; 2] = ["success", "failure"];
+/// Queue message states, the `state` label of [`QUEUE_MESSAGES`].
+pub const QUEUE_STATES: [&str; 3] = ["visible", "in_flight", "delayed"];
 /// Error kinds, the `kind` label of [`ERRORS`].
 pub const ERROR_KINDS: [&str; 3] = ["transient", "rejected_record", "gave_up"];
 
@@ -80,6 +83,7 @@ pub fn describe_all() {
     describe_histogram!(END_TO_END_LATENCY, Unit::Seconds, "SentTimestamp to commit, per record.");
     describe_gauge!(INFLIGHT_MESSAGES, Unit::Count, "Messages received and not yet deleted.");
     describe_gauge!(DEDUP_CACHE_ENTRIES, Unit::Count, "Entries in the dedup cache.");
+    describe_gauge!(QUEUE_MESSAGES, Unit::Count, "Approximate messages in the queue, by state (visible, in_flight, delayed).");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
 }
 
@@ -103,6 +107,12 @@ pub fn register_all() {
             counter!(ERRORS, "stage" => stage, "kind" => kind).absolute(0);
         }
     }
+    for name in [BATCH_SIZE, FLUSH_DURATION, END_TO_END_LATENCY] {
+        let _registered = histogram!(name);
+    }
+    for state in QUEUE_STATES {
+        gauge!(QUEUE_MESSAGES, "state" => state).set(0.0);
+    }
     gauge!(INFLIGHT_MESSAGES).set(0.0);
     gauge!(DEDUP_CACHE_ENTRIES).set(0.0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -116,4 +126,81 @@ pub fn error(stage: &'static str, kind: &'static str) {
 /// Counts one retry of a stage.
 pub fn retry(stage: &'static str) {
     counter!(RETRIES, "stage" => stage).increment(1);
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    /// Runs `f` under a private recorder; returns every series as `(name, sorted labels, value)`.
+    pub(crate) fn capture(f: impl FnOnce()) -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        ::metrics::with_local_recorder(&recorder, f);
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let key = key.key();
+                let mut labels: Vec<(String, String)> =
+                    key.labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect();
+                labels.sort();
+                (key.name().to_owned(), labels, value)
+            })
+            .collect()
+    }
+
+    /// The value of one series, if it was emitted.
+    pub(crate) fn value_of<'a>(
+        series: &'a [(String, Vec<(String, String)>, DebugValue)],
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<&'a DebugValue> {
+        let mut wanted: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        wanted.sort();
+        series.iter().find(|(n, l, _)| n == name && *l == wanted).map(|(_, _, v)| v)
+    }
+
+    #[test]
+    fn every_series_exists_before_the_first_event() {
+        let series = capture(register_all);
+        for reason in Reason::ALL {
+            assert_eq!(
+                value_of(&series, QUARANTINED, &[("reason", reason.as_str())]),
+                Some(&DebugValue::Counter(0)),
+                "{reason}"
+            );
+        }
+        for stage in STAGES {
+            for kind in ERROR_KINDS {
+                assert!(value_of(&series, ERRORS, &[("stage", stage), ("kind", kind)]).is_some());
+            }
+            assert!(value_of(&series, RETRIES, &[("stage", stage)]).is_some());
+        }
+        for name in [BATCH_SIZE, FLUSH_DURATION, END_TO_END_LATENCY] {
+            assert!(value_of(&series, name, &[]).is_some(), "{name}");
+        }
+        for state in QUEUE_STATES {
+            assert!(value_of(&series, QUEUE_MESSAGES, &[("state", state)]).is_some());
+        }
+        assert!(value_of(&series, BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))]).is_some());
+        for name in [MESSAGES_RECEIVED, RECORDS_WRITTEN, INFLIGHT_MESSAGES, DEDUP_CACHE_ENTRIES] {
+            assert!(value_of(&series, name, &[]).is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_exporter_renders_histograms_with_buckets_before_any_sample() {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &SECONDS_BUCKETS)
+            .unwrap()
+            .build_recorder();
+        let handle = recorder.handle();
+        ::metrics::with_local_recorder(&recorder, register_all);
+        let page = handle.render();
+        assert!(page.contains("loginflow_flush_duration_seconds_bucket{le=\"0.005\"} 0"), "{page}");
+        assert!(page.contains("loginflow_quarantined_total{reason=\"db_rejected\"} 0"));
+    }
 }

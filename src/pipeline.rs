@@ -30,8 +30,10 @@ use crate::sink::Sink;
 use crate::source::{Ack, Envelope, InFlight, ReceiveSettings};
 use crate::{ack, http, metrics, source, sqs};
 
-/// How often `--drain` checks whether the queue is empty, and how many checks in a row must agree.
+/// How often the queue's depth is read (for the gauge), and how often `--drain` checks it.
+const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How many empty checks in a row `--drain` needs before it stops.
 const DRAIN_CONFIRMATIONS: u32 = 2;
 
 /// Errors that stop `run` before the pipeline starts.
@@ -309,9 +311,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         args.visibility_timeout(),
         background.clone(),
     ));
-    if args.drain {
-        tracker.spawn(watch_drain(stages.clone(), stop_source.clone(), background.clone()));
-    }
+    let drain = args.drain.then(|| stop_source.clone());
+    tracker.spawn(watch_queue(stages.clone(), drain, background.clone()));
 
     let process_stage = stages.clone();
     let flush_stage = stages.clone();
@@ -388,29 +389,99 @@ async fn migrate_with_retry(sink: &Sink, max_backoff: Duration) {
     }
 }
 
-/// Stops the source once the queue reports nothing visible, in flight or delayed and
-/// nothing received is still held, on several checks in a row.
-async fn watch_drain(stages: Arc<Stages>, stop_source: CancellationToken, done: CancellationToken) {
+/// Publishes the queue's depth; with `drain`, also stops the source once the queue reports
+/// nothing visible, in flight or delayed and nothing received is still held, on several checks in a row.
+async fn watch_queue(stages: Arc<Stages>, drain: Option<CancellationToken>, done: CancellationToken) {
+    let interval = if drain.is_some() { DRAIN_CHECK_INTERVAL } else { QUEUE_CHECK_INTERVAL };
     let mut confirmations = 0;
     loop {
         tokio::select! {
             _ = done.cancelled() => return,
-            _ = tokio::time::sleep(DRAIN_CHECK_INTERVAL) => {}
+            _ = tokio::time::sleep(interval) => {}
         }
-        let held = stages.in_flight.len();
-        let empty = held == 0
-            && match sqs::queue_depth(&stages.sqs, &stages.queue_url).await {
-                Ok(depth) => depth.is_empty(),
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot read queue depth");
-                    false
-                }
-            };
+        let empty = match sqs::queue_depth(&stages.sqs, &stages.queue_url).await {
+            Ok(depth) => {
+                depth.record();
+                depth.is_empty() && stages.in_flight.is_empty()
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read queue depth");
+                false
+            }
+        };
+        let Some(stop_source) = &drain else { continue };
         confirmations = if empty { confirmations + 1 } else { 0 };
         if confirmations >= DRAIN_CONFIRMATIONS {
             tracing::info!("queue drained");
             stop_source.cancel();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DedupKey;
+    use crate::metrics::tests::{capture, value_of};
+    use metrics_util::debugging::DebugValue;
+
+    async fn stages() -> Stages {
+        let sqs_args = crate::config::SqsArgs {
+            queue_url: "http://127.0.0.1:9/0/q".into(),
+            aws_endpoint_url: Some("http://127.0.0.1:9".into()),
+            aws_region: "us-east-1".into(),
+            aws_access_key_id: None,
+            aws_secret_access_key: None,
+        };
+        Stages {
+            masker: Masker::new(&secrecy::SecretString::from("k".repeat(32))),
+            dedup: Dedup::new(DedupKey::MessageId, 100, Duration::from_secs(60)),
+            sink: Sink::new("postgres://nobody@127.0.0.1:9/none".parse().unwrap(), 1),
+            sqs: sqs::client(&sqs_args).await,
+            queue_url: sqs_args.queue_url,
+            in_flight: Arc::new(InFlight::default()),
+            stats: Stats::default(),
+            max_backoff: Duration::from_secs(1),
+            abort: CancellationToken::new(),
+        }
+    }
+
+    fn envelope(id: &str, body: &str) -> Envelope {
+        Envelope {
+            ack: Ack { message_id: id.into(), receipt_handle: format!("r-{id}") },
+            body: body.into(),
+            sent_at: Utc::now(),
+        }
+    }
+
+    const VALID: &str = r#"{"user_id":"u","app_version":"1.0","device_type":"ios","ip":"1.2.3.4","locale":null,"device_id":"1"}"#;
+
+    #[tokio::test]
+    async fn process_sorts_messages_into_rows_quarantine_and_duplicates_in_order() {
+        let stages = stages().await;
+        stages.dedup.mark_committed([stages.dedup.fingerprint("m-3", "")]).await;
+        let batch = vec![envelope("m-1", VALID), envelope("m-2", "{oops"), envelope("m-3", VALID)];
+        let mut items = Vec::new();
+        let series = capture(|| items = stages.process(batch));
+
+        let kinds: Vec<(&str, &str)> = items
+            .iter()
+            .map(|item| {
+                let kind = match &item.record {
+                    Record::Login(_) => "login",
+                    Record::Quarantine(q) => q.reason.as_str(),
+                    Record::Duplicate => "duplicate",
+                };
+                (item.ack.message_id.as_str(), kind)
+            })
+            .collect();
+        assert_eq!(kinds, [("m-1", "login"), ("m-2", "invalid_json"), ("m-3", "duplicate")]);
+        assert_eq!(
+            value_of(&series, metrics::DUPLICATES_DROPPED, &[("stage", "cache")]),
+            Some(&DebugValue::Counter(1))
+        );
+        let summary = stages.stats.summary();
+        assert_eq!((summary.received, summary.duplicates), (3, 1));
     }
 }

@@ -252,7 +252,11 @@ mod tests {
     #[test]
     fn in_flight_tracks_and_schedules_extensions() {
         let in_flight = InFlight::default();
-        in_flight.hold(["a", "b"]);
+        let series = crate::metrics::tests::capture(|| in_flight.hold(["a", "b"]));
+        assert_eq!(
+            crate::metrics::tests::value_of(&series, metrics::INFLIGHT_MESSAGES, &[]),
+            Some(&metrics_util::debugging::DebugValue::Gauge(2.0.into()))
+        );
         assert_eq!(in_flight.len(), 2);
         assert_eq!(in_flight.take_due(Duration::from_secs(60)), Vec::<String>::new());
         let mut due = in_flight.take_due(Duration::ZERO);

@@ -62,6 +62,14 @@ impl QueueDepth {
     pub fn is_empty(&self) -> bool {
         self.visible == 0 && self.in_flight == 0 && self.delayed == 0
     }
+
+    /// Publishes the counts as the `loginflow_queue_messages` gauge.
+    pub fn record(&self) {
+        use crate::metrics::{gauge, QUEUE_MESSAGES};
+        gauge!(QUEUE_MESSAGES, "state" => "visible").set(self.visible as f64);
+        gauge!(QUEUE_MESSAGES, "state" => "in_flight").set(self.in_flight as f64);
+        gauge!(QUEUE_MESSAGES, "state" => "delayed").set(self.delayed as f64);
+    }
 }
 
 /// Reads the queue's approximate counts.
