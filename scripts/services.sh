@@ -137,6 +137,18 @@ sqs_down() {
   rm -f "$LOGINFLOW_STATE/sqs.pid"
 }
 
+# Prometheus and promtool for the dashboard tests (Debian's prometheus package).
+prometheus_installed() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return 0
+  _log "installing Debian's prometheus package (for the dashboard and alert tests)"
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+}
+
 services_up() {
   postgres_up && sqs_up
 }

@@ -12,6 +12,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 trap services_down EXIT
 PG_FAST=1 services_up
+prometheus_installed
 
 export LOGINFLOW_TEST_DATABASE_URL="$DATABASE_URL"
 echo "== cargo test"

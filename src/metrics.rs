@@ -45,18 +45,22 @@ const LATENCY_BUCKETS: [f64; 14] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// The exporter's builder with loginflow's histogram buckets (histograms, not summaries).
+pub fn prometheus_builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &SIZE_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &SECONDS_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), &LATENCY_BUCKETS))
+        .expect("bucket lists are non-empty constants")
+}
+
 /// Installs the global Prometheus recorder once per process, describes and
 /// registers every series, and returns the handle that renders `/metrics`.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &SIZE_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &SECONDS_BUCKETS))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(END_TO_END_LATENCY.into()), &LATENCY_BUCKETS))
-                .expect("bucket lists are non-empty constants")
-                .install_recorder()
-                .expect("the metrics recorder is installed only here, once");
+            let handle =
+                prometheus_builder().install_recorder().expect("the metrics recorder is installed only here, once");
             describe_all();
             register_all();
             handle
@@ -83,7 +87,11 @@ pub fn describe_all() {
     describe_histogram!(END_TO_END_LATENCY, Unit::Seconds, "SentTimestamp to commit, per record.");
     describe_gauge!(INFLIGHT_MESSAGES, Unit::Count, "Messages received and not yet deleted.");
     describe_gauge!(DEDUP_CACHE_ENTRIES, Unit::Count, "Entries in the dedup cache.");
-    describe_gauge!(QUEUE_MESSAGES, Unit::Count, "Approximate messages in the queue, by state (visible, in_flight, delayed).");
+    describe_gauge!(
+        QUEUE_MESSAGES,
+        Unit::Count,
+        "Approximate messages in the queue, by state (visible, in_flight, delayed)."
+    );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
 }
 
@@ -133,8 +141,11 @@ pub(crate) mod tests {
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-    /// Runs `f` under a private recorder; returns every series as `(name, sorted labels, value)`.
-    pub(crate) fn capture(f: impl FnOnce()) -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+    /// One emitted series: name, sorted labels, value.
+    pub(crate) type Series = (String, Vec<(String, String)>, DebugValue);
+
+    /// Runs `f` under a private recorder; returns every series it emitted.
+    pub(crate) fn capture(f: impl FnOnce()) -> Vec<Series> {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         ::metrics::with_local_recorder(&recorder, f);
@@ -153,11 +164,7 @@ pub(crate) mod tests {
     }
 
     /// The value of one series, if it was emitted.
-    pub(crate) fn value_of<'a>(
-        series: &'a [(String, Vec<(String, String)>, DebugValue)],
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> Option<&'a DebugValue> {
+    pub(crate) fn value_of<'a>(series: &'a [Series], name: &str, labels: &[(&str, &str)]) -> Option<&'a DebugValue> {
         let mut wanted: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         wanted.sort();
         series.iter().find(|(n, l, _)| n == name && *l == wanted).map(|(_, _, v)| v)
@@ -193,10 +200,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_exporter_renders_histograms_with_buckets_before_any_sample() {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &SECONDS_BUCKETS)
-            .unwrap()
-            .build_recorder();
+        let recorder = prometheus_builder().build_recorder();
         let handle = recorder.handle();
         ::metrics::with_local_recorder(&recorder, register_all);
         let page = handle.render();

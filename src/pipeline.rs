@@ -117,6 +117,16 @@ struct Item {
     record: Record,
 }
 
+impl Item {
+    fn receipt(&self) -> &str {
+        &self.ack.receipt_handle
+    }
+
+    fn committed_fingerprint(&self) -> Option<Fingerprint> {
+        (!matches!(self.record, Record::Duplicate)).then_some(self.fingerprint)
+    }
+}
+
 /// Everything the stages share.
 struct Stages {
     masker: Masker,
@@ -171,11 +181,10 @@ impl Stages {
                 Record::Duplicate => {}
             }
         }
-        let receipts = || batch.iter().map(|item| item.ack.receipt_handle.as_str());
 
         let Some(committed) = self.write_with_retry(&logins, &quarantine).await else {
             Stats::add(&self.stats.abandoned, batch.len() as u64);
-            self.in_flight.release(receipts());
+            self.in_flight.release(batch.iter().map(Item::receipt));
             return;
         };
         let now = Utc::now();
@@ -200,10 +209,9 @@ impl Stages {
 
         let acks: Vec<&Ack> = batch.iter().map(|item| &item.ack).collect();
         let deleted = ack::delete_all(&self.sqs, &self.queue_url, &acks, self.max_backoff).await;
-        self.dedup
-            .mark_committed(batch.iter().filter(|i| !matches!(i.record, Record::Duplicate)).map(|i| i.fingerprint))
-            .await;
-        self.in_flight.release(receipts());
+        let committed_fingerprints: Vec<Fingerprint> = batch.iter().filter_map(Item::committed_fingerprint).collect();
+        self.dedup.mark_committed(committed_fingerprints).await;
+        self.in_flight.release(batch.iter().map(Item::receipt));
 
         let stats = &self.stats;
         Stats::add(&stats.written, committed.written);
@@ -455,7 +463,8 @@ mod tests {
         }
     }
 
-    const VALID: &str = r#"{"user_id":"u","app_version":"1.0","device_type":"ios","ip":"1.2.3.4","locale":null,"device_id":"1"}"#;
+    const VALID: &str =
+        r#"{"user_id":"u","app_version":"1.0","device_type":"ios","ip":"1.2.3.4","locale":null,"device_id":"1"}"#;
 
     #[tokio::test]
     async fn process_sorts_messages_into_rows_quarantine_and_duplicates_in_order() {

@@ -2,4 +2,5 @@
 //! PostgreSQL and SQS emulator that `scripts/test.sh` starts.
 
 mod helpers;
+mod observability;
 mod pipeline;

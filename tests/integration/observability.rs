@@ -1,0 +1,213 @@
+//! The operations endpoint and the shipped dashboard, against a live run and a real Prometheus.
+
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+use crate::helpers::*;
+
+#[path = "../support/dashboards.rs"]
+mod dashboards;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A minimal HTTP/1.0 GET: `(status, body)`, or `None` while nothing listens.
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+async fn wait_for<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Starts `loginflow run` (no drain) in the background; send on the returned channel to stop it.
+fn start_run(
+    env: &TestEnv,
+    extra: &[&str],
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Result<loginflow::RunSummary, loginflow::RunError>>) {
+    let mut args = env.run_args(extra);
+    args.drain = false;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let run = tokio::spawn(loginflow::run(args, async move {
+        let _ = stopped.await;
+    }));
+    (stop, run)
+}
+
+#[tokio::test]
+async fn health_is_up_while_readiness_reports_an_unreachable_database() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (stop, run) =
+        start_run(&env, &["--metrics-addr", &addr, "--database-url", "postgres://postgres@127.0.0.1:1/x"]);
+
+    let (status, body) = wait_for("/healthz", async || http_get(port, "/healthz").await).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = http_get(port, "/readyz").await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(body, "database: unreachable\nqueue: reachable\n");
+    let (status, body) = http_get(port, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("loginflow_retries_total{stage=\"sink\"}"), "{body}");
+
+    stop.send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), run).await.unwrap().unwrap();
+    assert!(matches!(result, Err(loginflow::RunError::ShutdownBeforeStart)), "{result:?}");
+}
+
+#[tokio::test]
+async fn readiness_is_ok_when_database_and_queue_are_reachable() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (stop, run) = start_run(&env, &["--metrics-addr", &addr]);
+    let (status, body) = wait_for("/readyz", async || http_get(port, "/readyz").await.filter(|(s, _)| *s == 200)).await;
+    assert_eq!((status, body.as_str()), (200, "database: reachable\nqueue: reachable\n"));
+    stop.send(()).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), run).await.unwrap().unwrap().unwrap();
+    assert_eq!(summary.received, 0);
+}
+
+async fn prometheus_get(port: u16, expr: &str) -> Option<(u16, String)> {
+    http_get(port, &format!("/api/v1/query?query={}", percent_encode(expr))).await
+}
+
+/// Evaluates an instant query; `None` while Prometheus is not up and ready yet.
+async fn try_prometheus_query(port: u16, expr: &str) -> Option<Value> {
+    let (status, body) = prometheus_get(port, expr).await?;
+    (status == 200).then(|| serde_json::from_str(&body).expect("prometheus JSON"))
+}
+
+async fn prometheus_query(port: u16, expr: &str) -> Value {
+    let (status, body) = prometheus_get(port, expr).await.expect("prometheus answers");
+    assert_eq!(status, 200, "query {expr} failed: {body}");
+    serde_json::from_str(&body).expect("prometheus JSON")
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_a_live_run_and_every_panel_and_alert_query_evaluates() {
+    let prometheus_bin = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
+    let env = TestEnv::new().await;
+    let (metrics_port, prometheus_port) = (free_port(), free_port());
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    // A process of its own, so its counters are its alone (in-process runs share one recorder).
+    let loginflow = tokio::process::Command::new(env!("CARGO_BIN_EXE_loginflow"))
+        .arg("run")
+        .envs(env.binary_env())
+        .env("METRICS_ADDR", &metrics_addr)
+        .env("BATCH_MAX_WAIT_MS", "100")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("loginflow starts");
+
+    let dir = std::env::temp_dir().join(format!("loginflow-prometheus-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/alerts.yml");
+    let config = format!(
+        "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nrule_files: [{rules:?}]\n\
+         scrape_configs:\n  - job_name: loginflow\n    static_configs: [{{ targets: [\"{metrics_addr}\"] }}]\n"
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let mut prometheus = tokio::process::Command::new(&prometheus_bin)
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {prometheus_bin} (scripts/test.sh installs it): {e}"));
+
+    wait_for("the first scrape", async || {
+        let up = try_prometheus_query(prometheus_port, "up{job=\"loginflow\"} == 1").await?;
+        (!up["data"]["result"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    // Traffic in two waves while Prometheus scrapes every second, with a duplicate-producing mix.
+    for wave in 0..2 {
+        env.publish(synthetic_bodies(1000, 30 + wave)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let db = env.db().await;
+    wait_for("all rows", async || {
+        let n: i64 = db.query_one("SELECT count(*) FROM user_logins", &[]).await.ok()?.get(0);
+        (n == 1980).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    for (title, expr) in dashboards::dashboard_queries() {
+        let query = expr.replace("$__rate_interval", "1m");
+        let answer = prometheus_query(prometheus_port, &query).await;
+        let result = answer["data"]["result"].as_array().expect("result");
+        assert!(!result.is_empty(), "panel {title:?} has no data: {query}");
+        let numbers: Vec<f64> = result.iter().filter_map(|s| s["value"][1].as_str()?.parse().ok()).collect();
+        assert!(numbers.iter().any(|v| v.is_finite()), "panel {title:?} has only NaN: {query} -> {result:?}");
+    }
+    let written = prometheus_query(prometheus_port, "sum(loginflow_records_written_total)").await;
+    assert_eq!(written["data"]["result"][0]["value"][1], "1980");
+    for (alert, expr) in dashboards::alert_rules() {
+        let answer = prometheus_query(prometheus_port, &expr).await;
+        assert_eq!(answer["status"], "success", "alert {alert}: {answer}");
+    }
+    let (_, rules) = http_get(prometheus_port, "/api/v1/rules").await.unwrap();
+    let rules: Value = serde_json::from_str(&rules).unwrap();
+    let loaded = rules["data"]["groups"][0]["rules"].as_array().expect("rules loaded");
+    assert_eq!(loaded.len(), dashboards::alert_rules().len());
+    for rule in loaded {
+        assert_eq!(rule["health"], "ok", "{rule}");
+    }
+
+    for args in [vec!["check", "rules", rules_path()], vec!["check", "config", config_path()]] {
+        let promtool = std::process::Command::new("promtool").args(&args).output().expect("promtool runs");
+        assert!(promtool.status.success(), "promtool {args:?}: {}", String::from_utf8_lossy(&promtool.stdout));
+    }
+
+    let pid = loginflow.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let output = tokio::time::timeout(Duration::from_secs(30), loginflow.wait_with_output()).await.unwrap().unwrap();
+    assert!(output.status.success(), "SIGTERM ends the run with exit 0");
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["written"], 1980);
+    prometheus.kill().await.ok();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn rules_path() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/alerts.yml")
+}
+
+fn config_path() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/prometheus.yml")
+}
