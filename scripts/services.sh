@@ -164,3 +164,12 @@ services_down() {
   done
   _STARTED=()
 }
+
+# Run as a command (the fault-injection tests use this to stop and restart PostgreSQL).
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  case "${1:-}" in
+    postgres-stop) postgres_down ;;
+    postgres-start) PG_FAST=${PG_FAST:-1} postgres_up ;;
+    *) echo "usage: scripts/services.sh postgres-stop|postgres-start (or source it and call services_up)" >&2; exit 2 ;;
+  esac
+fi

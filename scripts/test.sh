@@ -9,11 +9,15 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --test chaos --quiet -- -D warnings
 
 trap services_down EXIT
-PG_FAST=1 services_up
+export PG_FAST=1
+services_up
 prometheus_installed
 
 export LOGINFLOW_TEST_DATABASE_URL="$DATABASE_URL"
-echo "== cargo test"
+echo "== cargo test (unit, integration, deploy files)"
 cargo test --all-targets -- --test-threads "${TEST_THREADS:-4}"
+echo "== fault injection (scripts/chaos.sh)"
+scripts/chaos.sh

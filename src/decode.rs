@@ -391,3 +391,66 @@ mod tests {
         assert!(!printed.contains("199.172.111.135") && !printed.contains("593-47-5928"), "{printed}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("user_id".to_owned()),
+                        Just("ip".to_owned()),
+                        Just("device_id".to_owned()),
+                        Just("app_version".to_owned()),
+                        Just("locale".to_owned()),
+                        "[a-z_]{1,10}"
+                    ],
+                    inner,
+                    0..7
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_text_never_panics(body in ".{0,300}") {
+            let _ = decode(&body);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics_and_valid_means_well_formed(value in json_value()) {
+            if let Ok(login) = decode(&value.to_string()) {
+                prop_assert!(login.user_id.chars().count() <= USER_ID_MAX_CHARS);
+                prop_assert!(login.ip.expose().parse::<IpAddr>().is_ok());
+                prop_assert_eq!(AppVersion::text_of(login.app_version.code), Some(login.app_version.text));
+            }
+        }
+
+        #[test]
+        fn version_codes_round_trip(major in 0u32..=213, minor in 0u32..1000, patch in 0u32..1000, form in 0u8..3) {
+            let text = match form {
+                0 => format!("{major}.{minor}"),
+                1 => format!("{major}.{:02}", minor % 10),
+                _ => format!("{major}.{minor}.{patch}"),
+            };
+            let version = AppVersion::parse(&text).expect("encodable");
+            prop_assert_eq!(AppVersion::text_of(version.code), Some(text));
+        }
+    }
+}

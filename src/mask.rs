@@ -243,3 +243,70 @@ mod tests {
         assert!(masked.contains("trunc"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn masker(key: &str) -> Masker {
+        Masker::new(&SecretString::from(key.to_owned()))
+    }
+
+    fn ipv4() -> impl Strategy<Value = String> {
+        any::<[u8; 4]>().prop_map(|o| format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3]))
+    }
+
+    fn device_id() -> impl Strategy<Value = String> {
+        (0u32..1000, 0u32..100, 0u32..10000).prop_map(|(a, b, c)| format!("{a:03}-{b:02}-{c:04}"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn a_mask_never_contains_its_value_and_is_deterministic(value in ".{1,64}", key in "[ -~]{32,48}") {
+            let m = masker(&key);
+            let masked = m.mask(&value);
+            prop_assert_eq!(masked.len(), 64);
+            prop_assert!(masked.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            prop_assert_eq!(&masked, &m.mask(&value));
+            // A short run of hex digits can turn up in any hex string by chance.
+            let short_hex = value.len() <= 8 && value.bytes().all(|b| b.is_ascii_hexdigit());
+            if !short_hex {
+                prop_assert!(!masked.contains(&value));
+            }
+        }
+
+        #[test]
+        fn different_keys_give_different_masks(value in ".{1,32}", a in "[a-z]{32}", b in "[a-z]{32}") {
+            prop_assume!(a != b);
+            prop_assert_ne!(masker(&a).mask(&value), masker(&b).mask(&value));
+        }
+
+        #[test]
+        fn quarantined_bodies_never_hold_the_raw_pii(
+            ip in ipv4(),
+            device in device_id(),
+            nest in 0usize..3,
+            truncate in 0usize..40,
+            extra in "[a-z ]{0,20}",
+        ) {
+            let mut value = serde_json::json!({"ip": ip, "device_id": device, "note": extra});
+            for _ in 0..nest {
+                value = serde_json::json!({"wrapper": [value]});
+            }
+            let body = value.to_string();
+            let m = masker(&"k".repeat(32));
+            // Whole JSON, and JSON cut short (no longer parseable).
+            for candidate in [body.clone(), body[..body.len().saturating_sub(truncate)].to_owned()] {
+                let masked = m.mask_body(&candidate);
+                for raw in [&ip, &device] {
+                    if candidate.contains(raw.as_str()) {
+                        prop_assert!(!masked.contains(raw.as_str()), "{} leaked from {}", raw, candidate);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -60,12 +60,26 @@ SELECT user_id, device_type, masked_ip, masked_device_id, locale,
 FROM user_logins;
 "#;
 
-/// Creates or upgrades the schema. Safe to run concurrently and repeatedly.
+/// Marks a schema this version of loginflow created (a comment on `user_logins`).
+pub const SCHEMA_VERSION: &str = "loginflow schema 1";
+
+/// Creates or upgrades the schema. Safe to run concurrently and repeatedly. When the schema
+/// is already current it takes no table lock, so a replica starting up never stalls the
+/// writes of the others (ALTER TABLE would wait for, and then block, every insert).
 pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    if schema_is_current(client).await? {
+        return Ok(());
+    }
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_ID]).await?;
     tx.batch_execute(SCHEMA_SQL).await?;
+    tx.batch_execute(&format!("COMMENT ON TABLE user_logins IS '{SCHEMA_VERSION}'")).await?;
     tx.commit().await
+}
+
+async fn schema_is_current(client: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {
+    let row = client.query_one("SELECT obj_description(to_regclass('user_logins'), 'pg_class')", &[]).await?;
+    Ok(row.get::<_, Option<&str>>(0) == Some(SCHEMA_VERSION))
 }
 
 /// Rows in `user_logins` and `user_logins_quarantine`, for summaries.

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by the integration and chaos test binaries; each uses a part
 //! Test fixtures: every test gets its own database and its own queue on the real
 //! PostgreSQL and SQS emulator started by `scripts/test.sh`.
 
@@ -106,11 +107,64 @@ impl TestEnv {
         sink
     }
 
-    /// Sends bodies one call per ten; returns nothing (use `send_each` for message ids).
+    /// Sends bodies with loginflow's own publisher, ten per call.
     pub async fn publish(&self, bodies: Vec<String>) {
         let n = bodies.len();
         let sent = loginflow::seed::publish(&self.sqs, &self.queue_url, bodies).await.expect("publish");
         assert_eq!(sent, n);
+    }
+
+    /// Sends bodies ten per call and returns every message id.
+    pub async fn publish_with_ids(&self, bodies: &[String]) -> Vec<String> {
+        let mut ids = Vec::with_capacity(bodies.len());
+        for chunk in bodies.chunks(10) {
+            let entries = chunk.iter().enumerate().map(|(i, body)| {
+                aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(body)
+                    .build()
+                    .unwrap()
+            });
+            let out = self
+                .sqs
+                .send_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries.collect()))
+                .send()
+                .await
+                .expect("send batch");
+            assert!(out.failed.is_empty(), "send failures: {:?}", out.failed);
+            ids.extend(out.successful.into_iter().map(|e| e.message_id));
+        }
+        ids
+    }
+
+    /// Every message id in `user_logins` and `user_logins_quarantine`, with how often it occurs.
+    pub async fn stored_ids(&self) -> std::collections::HashMap<String, i64> {
+        let db = self.db().await;
+        let rows = db
+            .query(
+                "SELECT message_id, count(*) FROM (SELECT message_id FROM user_logins
+                   UNION ALL SELECT message_id FROM user_logins_quarantine) s GROUP BY message_id",
+                &[],
+            )
+            .await
+            .expect("stored ids");
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
+    /// Asserts every sent id is stored exactly once, and nothing else is stored.
+    /// Returns `(lost, duplicated)` for the record (both asserted zero).
+    pub async fn assert_exactly_once(&self, sent: &[String]) -> (usize, usize) {
+        let stored = self.stored_ids().await;
+        let sent_set: std::collections::HashSet<&String> = sent.iter().collect();
+        let lost = sent.iter().filter(|id| !stored.contains_key(*id)).count();
+        let duplicated = stored.values().filter(|n| **n > 1).count();
+        let unexpected = stored.keys().filter(|id| !sent_set.contains(id)).count();
+        assert_eq!(sent_set.len(), sent.len(), "SQS gave two messages one id");
+        assert_eq!((lost, duplicated, unexpected), (0, 0, 0), "lost, duplicated, unexpected of {} sent", sent.len());
+        self.assert_queue_empty().await;
+        (lost, duplicated)
     }
 
     /// Sends each body on its own and returns the message ids, in order.

@@ -1,0 +1,373 @@
+//! Fault injection against real PostgreSQL and LocalStack, one test at a time (scripts/chaos.sh).
+//! Each test prints a `figures:` line that RELIABILITY.md records.
+
+#[path = "../integration/helpers.rs"]
+mod helpers;
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use helpers::*;
+use rand::Rng;
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// A `loginflow run` process with its logs (debug level) collected for the PII scan.
+struct Loginflow {
+    child: Child,
+    logs: Arc<Mutex<String>>,
+    stderr_reader: JoinHandle<()>,
+}
+
+impl Loginflow {
+    fn spawn(env: &TestEnv, args: &[&str], settings: &[(&str, String)]) -> Loginflow {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_loginflow"))
+            .arg("run")
+            .args(args)
+            .envs(env.binary_env())
+            .env("RUST_LOG", "debug")
+            .env("RETRY_MAX_BACKOFF_SECS", "2")
+            .envs(settings.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("loginflow starts");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        let stderr_reader = tokio::spawn(async move {
+            let mut buffer = Vec::new();
+            stderr.read_to_end(&mut buffer).await.ok();
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer));
+        });
+        Loginflow { child, logs, stderr_reader }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().expect("running").to_string()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// SIGKILL, then the logs written so far.
+    async fn kill9(mut self) -> String {
+        self.child.kill().await.expect("kill -9");
+        self.stderr_reader.await.ok();
+        let logs = self.logs.lock().unwrap().clone();
+        logs
+    }
+
+    /// Waits for exit; returns (success, summary JSON, logs).
+    async fn finish(mut self, limit: Duration) -> (bool, Value, String) {
+        let status = tokio::time::timeout(limit, self.child.wait()).await.expect("exited in time").unwrap();
+        let mut stdout = String::new();
+        self.child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
+        self.stderr_reader.await.ok();
+        let summary = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+        let logs = self.logs.lock().unwrap().clone();
+        (status.success(), summary, logs)
+    }
+}
+
+/// Raw `ip` and `device_id` values of bodies, for the leak scans.
+fn pii_values(bodies: &[String]) -> HashSet<String> {
+    bodies
+        .iter()
+        .filter_map(|b| serde_json::from_str::<Value>(b).ok())
+        .flat_map(|v| ["ip", "device_id"].map(|f| v[f].as_str().map(str::to_owned)))
+        .flatten()
+        .collect()
+}
+
+/// Asserts no raw PII value appears as a token of the logs or the tables.
+async fn assert_no_pii(env: &TestEnv, bodies: &[String], logs: &str) {
+    let pii = pii_values(bodies);
+    let tables = dump_tables(&env.db().await).await;
+    for (what, text) in [("logs", logs), ("database", tables.as_str())] {
+        let leaked: Vec<&str> = text
+            .split(|c: char| !(c.is_ascii_hexdigit() || matches!(c, '.' | '-' | ':')))
+            .filter(|token| pii.contains(*token))
+            .take(3)
+            .collect();
+        assert!(leaked.is_empty(), "raw PII in the {what}: {leaked:?}");
+    }
+    assert!(!logs.is_empty(), "logs were collected");
+}
+
+async fn row_count(env: &TestEnv) -> i64 {
+    match tokio_postgres::connect(&env.database_url, tokio_postgres::NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            client.query_one("SELECT count(*) FROM user_logins", &[]).await.map(|r| r.get(0)).unwrap_or(-1)
+        }
+        Err(_) => -1,
+    }
+}
+
+async fn wait_for_rows(env: &TestEnv, at_least: i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while row_count(env).await < at_least {
+        assert!(Instant::now() < deadline, "fewer than {at_least} rows after 120 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Time until the row count grows past `from`.
+async fn time_to_progress(env: &TestEnv, from: i64) -> Duration {
+    let started = Instant::now();
+    while row_count(env).await <= from {
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress within 120 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+fn services(command: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let status = std::process::Command::new("bash").args([script, command]).status().expect("services.sh runs");
+    assert!(status.success(), "scripts/services.sh {command} failed");
+}
+
+const OUTAGE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn kill_9_at_random_points_loses_and_duplicates_nothing() {
+    let env = TestEnv::new().await;
+    let bodies = synthetic_bodies(40_000, 101);
+    let sent = env.publish_with_ids(&bodies).await;
+    let settings = [("VISIBILITY_TIMEOUT_SECS", "3".to_owned()), ("BATCH_MAX_ROWS", "500".to_owned())];
+    let mut logs = String::new();
+    let mut rows_at_kill = Vec::new();
+    for _ in 0..10 {
+        let process = Loginflow::spawn(&env, &[], &settings);
+        let lifetime = rand::rng().random_range(200..1_200);
+        tokio::time::sleep(Duration::from_millis(lifetime)).await;
+        logs.push_str(&process.kill9().await);
+        rows_at_kill.push(row_count(&env).await);
+    }
+    let (ok, summary, last_logs) =
+        Loginflow::spawn(&env, &["--drain"], &settings).finish(Duration::from_secs(300)).await;
+    logs.push_str(&last_logs);
+    assert!(ok, "final drain failed: {last_logs}");
+    let (lost, duplicated) = env.assert_exactly_once(&sent).await;
+    assert!(rows_at_kill.iter().any(|n| *n < 39_600), "every kill came after the work was done: {rows_at_kill:?}");
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: crash sent={} kills=10 rows_at_each_kill={rows_at_kill:?} final_run_written={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        summary["written"]
+    );
+}
+
+#[tokio::test]
+async fn postgres_stopped_for_30_seconds_mid_run_recovers_by_itself() {
+    let env = TestEnv::new().await;
+    let bodies = synthetic_bodies(6_000, 102);
+    let sent = env.publish_with_ids(&bodies).await;
+    let settings = [("VISIBILITY_TIMEOUT_SECS", "10".to_owned()), ("BATCH_MAX_ROWS", "200".to_owned())];
+    let mut process = Loginflow::spawn(&env, &["--drain"], &settings);
+    wait_for_rows(&env, 300).await;
+
+    services("postgres-stop");
+    let stopped_at = row_count(&env).await;
+    assert_eq!(stopped_at, -1, "PostgreSQL is down");
+    tokio::time::sleep(OUTAGE).await;
+    assert!(process.is_running(), "loginflow kept running through the outage");
+    services("postgres-start");
+    let before = row_count(&env).await;
+    let recovery = time_to_progress(&env, before).await;
+
+    let (ok, summary, logs) = process.finish(Duration::from_secs(300)).await;
+    assert!(ok, "drain after the outage failed");
+    let (lost, duplicated) = env.assert_exactly_once(&sent).await;
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: postgres_outage sent={} outage_secs={} rows_before_restart={before} recovery_secs={:.1} written={} quarantined={} duplicates_dropped={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        OUTAGE.as_secs(),
+        recovery.as_secs_f64(),
+        summary["written"],
+        summary["quarantined"],
+        summary["duplicates"]
+    );
+}
+
+/// A TCP proxy to the SQS emulator that can disappear (connections dropped, then refused).
+struct Proxy {
+    port: u16,
+    upstream: String,
+    accept: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = Proxy { port, upstream: upstream.to_owned(), accept: Mutex::new(None) };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let upstream = self.upstream.clone();
+        let task = tokio::spawn(async move {
+            // Connections live in this set: aborting the accept task drops them all.
+            let mut connections = JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        *self.accept.lock().unwrap() = Some(task);
+    }
+
+    fn down(&self) {
+        if let Some(task) = self.accept.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
+    async fn up(&self) {
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(listener) => break listener,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+#[tokio::test]
+async fn sqs_endpoint_gone_for_30_seconds_mid_run_recovers_by_itself() {
+    let env = TestEnv::new().await;
+    let bodies = synthetic_bodies(6_000, 103);
+    let sent = env.publish_with_ids(&bodies).await;
+    let proxy = Proxy::start(env.endpoint.trim_start_matches("http://")).await;
+    let settings = [
+        ("VISIBILITY_TIMEOUT_SECS", "10".to_owned()),
+        ("BATCH_MAX_ROWS", "200".to_owned()),
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", proxy.port)),
+    ];
+    let mut process = Loginflow::spawn(&env, &["--drain"], &settings);
+    wait_for_rows(&env, 300).await;
+
+    proxy.down();
+    tokio::time::sleep(OUTAGE).await;
+    assert!(process.is_running(), "loginflow kept running through the outage");
+    let before = row_count(&env).await;
+    proxy.up().await;
+    let recovery = time_to_progress(&env, before).await;
+
+    let (ok, summary, logs) = process.finish(Duration::from_secs(300)).await;
+    assert!(ok, "drain after the outage failed");
+    let (lost, duplicated) = env.assert_exactly_once(&sent).await;
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: sqs_outage sent={} outage_secs={} rows_before_return={before} recovery_secs={:.1} written={} duplicates_dropped={} delete_failures={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        OUTAGE.as_secs(),
+        recovery.as_secs_f64(),
+        summary["written"],
+        summary["duplicates"],
+        summary["delete_failures"]
+    );
+}
+
+#[tokio::test]
+async fn three_replicas_draining_one_queue_store_each_message_once() {
+    let env = TestEnv::new().await;
+    let bodies = synthetic_bodies(6_000, 104);
+    let sent = env.publish_with_ids(&bodies).await;
+    let replicas: Vec<Loginflow> = (0..3).map(|_| Loginflow::spawn(&env, &["--drain"], &[])).collect();
+    let mut written = Vec::new();
+    let mut logs = String::new();
+    for replica in replicas {
+        let (ok, summary, replica_logs) = replica.finish(Duration::from_secs(300)).await;
+        assert!(ok);
+        written.push(summary["written"].as_u64().unwrap());
+        logs.push_str(&replica_logs);
+    }
+    let (lost, duplicated) = env.assert_exactly_once(&sent).await;
+    assert_eq!(written.iter().sum::<u64>(), 5_940);
+    assert!(written.iter().all(|w| *w > 0), "every replica took a share: {written:?}");
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: replicas sent={} written_per_replica={written:?} lost={lost} duplicated={duplicated}",
+        sent.len()
+    );
+}
+
+#[tokio::test]
+async fn a_flush_slower_than_the_visibility_timeout_causes_no_redelivery() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let bodies = synthetic_bodies(500, 105);
+    let sent = env.publish_with_ids(&bodies).await;
+    // Hold the table for 8 s: every flush waits far longer than the 2 s visibility timeout.
+    let mut locker = env.db().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let process = Loginflow::spawn(&env, &["--drain"], &[("VISIBILITY_TIMEOUT_SECS", "2".to_owned())]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    lock.commit().await.unwrap();
+
+    let (ok, summary, logs) = process.finish(Duration::from_secs(120)).await;
+    assert!(ok);
+    assert_eq!(summary["received"], 500, "no message was delivered twice");
+    assert_eq!(summary["duplicates"], 0);
+    let (lost, duplicated) = env.assert_exactly_once(&sent).await;
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: slow_flush sent={} visibility_secs=2 blocked_secs=8 received={} duplicates={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        summary["received"],
+        summary["duplicates"]
+    );
+}
+
+#[tokio::test]
+async fn sigterm_during_a_busy_drain_exits_0_in_the_grace_period_and_loses_nothing() {
+    let env = TestEnv::new().await;
+    let bodies = synthetic_bodies(10_000, 106);
+    let sent = env.publish_with_ids(&bodies).await;
+    let grace = Duration::from_secs(10);
+    let process = Loginflow::spawn(&env, &["--drain"], &[("SHUTDOWN_GRACE_SECS", grace.as_secs().to_string())]);
+    wait_for_rows(&env, 1_000).await;
+    let signalled = Instant::now();
+    assert!(std::process::Command::new("kill").args(["-TERM", &process.pid()]).status().unwrap().success());
+    let (ok, first, mut logs) = process.finish(grace + Duration::from_secs(10)).await;
+    let exit_after = signalled.elapsed();
+    assert!(ok, "SIGTERM exits 0");
+    assert!(exit_after < grace + Duration::from_secs(2), "took {exit_after:?}");
+    assert_eq!(first["abandoned"], 0, "in-flight work finished within the grace period");
+    let rows_after_sigterm = row_count(&env).await;
+    assert!(rows_after_sigterm < 9_900, "the first run was stopped mid-drain");
+
+    // What was not received stayed in the queue; a second run takes it.
+    let (ok, second, more_logs) = Loginflow::spawn(&env, &["--drain"], &[]).finish(Duration::from_secs(300)).await;
+    assert!(ok);
+    logs.push_str(&more_logs);
+    let (lost, duplicated) = env.assert_exactly_once(&sent).await;
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: sigterm sent={} exit_secs={:.2} grace_secs={} first_run_written={} second_run_written={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        exit_after.as_secs_f64(),
+        grace.as_secs(),
+        first["written"],
+        second["written"]
+    );
+}
