@@ -25,7 +25,7 @@ pub struct Deleted {
 }
 
 /// Deletes every message of `acks` (committed rows only).
-pub async fn delete_all(client: &Client, queue_url: &str, acks: &[&Ack], max_backoff: Duration) -> Deleted {
+pub async fn delete_all(client: &Client, queue_url: &str, acks: &[Ack], max_backoff: Duration) -> Deleted {
     let calls = acks.chunks(SQS_BATCH_LIMIT).map(|chunk| delete_chunk(client, queue_url, chunk, max_backoff));
     let deleted = join_all(calls).await.into_iter().fold(Deleted::default(), |sum, d| Deleted {
         succeeded: sum.succeeded + d.succeeded,
@@ -36,8 +36,8 @@ pub async fn delete_all(client: &Client, queue_url: &str, acks: &[&Ack], max_bac
     deleted
 }
 
-async fn delete_chunk(client: &Client, queue_url: &str, chunk: &[&Ack], max_backoff: Duration) -> Deleted {
-    let mut pending: Vec<&Ack> = chunk.to_vec();
+async fn delete_chunk(client: &Client, queue_url: &str, chunk: &[Ack], max_backoff: Duration) -> Deleted {
+    let mut pending: Vec<&Ack> = chunk.iter().collect();
     let mut backoff = Backoff::new(max_backoff);
     let mut succeeded = 0;
     let mut gave_up = 0;

@@ -103,7 +103,8 @@ impl Stats {
 }
 
 /// What became of one message.
-enum Record {
+#[derive(Debug)]
+pub enum Record {
     Login(MaskedLogin),
     Quarantine(QuarantineRecord),
     /// Committed before (dedup cache hit): delete only.
@@ -111,26 +112,73 @@ enum Record {
 }
 
 /// One message on its way to the sink.
-struct Item {
-    ack: Ack,
-    fingerprint: Fingerprint,
-    record: Record,
+#[derive(Debug)]
+pub struct Item {
+    pub ack: Ack,
+    pub fingerprint: Fingerprint,
+    pub record: Record,
 }
 
-impl Item {
-    fn receipt(&self) -> &str {
-        &self.ack.receipt_handle
+/// The CPU stages, without I/O: decode + validate, dedup, mask.
+pub struct Transform {
+    pub masker: Masker,
+    pub dedup: Dedup,
+}
+
+impl Transform {
+    /// Turns one receive batch into items, in order.
+    pub fn process(&self, batch: Vec<Envelope>) -> Vec<Item> {
+        batch.into_iter().map(|envelope| self.process_one(envelope)).collect()
     }
 
-    fn committed_fingerprint(&self) -> Option<Fingerprint> {
-        (!matches!(self.record, Record::Duplicate)).then_some(self.fingerprint)
+    fn process_one(&self, envelope: Envelope) -> Item {
+        let fingerprint = self.dedup.fingerprint(&envelope.ack.message_id, &envelope.body);
+        let record = if self.dedup.is_committed(fingerprint) {
+            Record::Duplicate
+        } else {
+            let meta = MessageMeta { message_id: envelope.ack.message_id.clone(), sent_at: envelope.sent_at };
+            match decode(&envelope.body) {
+                Ok(login) => Record::Login(self.masker.mask_login(login, meta)),
+                Err(rejection) => Record::Quarantine(self.masker.quarantine(rejection, &envelope.body, meta)),
+            }
+        };
+        Item { ack: envelope.ack, fingerprint, record }
+    }
+}
+
+/// A window split by destination.
+#[derive(Default)]
+struct Window {
+    acks: Vec<Ack>,
+    logins: Vec<MaskedLogin>,
+    quarantine: Vec<QuarantineRecord>,
+    /// Of the messages that are not cache duplicates, to remember once committed.
+    fingerprints: Vec<Fingerprint>,
+}
+
+impl Window {
+    fn split(items: Vec<Item>) -> Window {
+        let mut window = Window { acks: Vec::with_capacity(items.len()), ..Window::default() };
+        for item in items {
+            window.acks.push(item.ack);
+            match item.record {
+                Record::Login(login) => window.logins.push(login),
+                Record::Quarantine(record) => window.quarantine.push(record),
+                Record::Duplicate => continue,
+            }
+            window.fingerprints.push(item.fingerprint);
+        }
+        window
+    }
+
+    fn receipts(&self) -> impl Iterator<Item = &str> {
+        self.acks.iter().map(Ack::receipt)
     }
 }
 
 /// Everything the stages share.
 struct Stages {
-    masker: Masker,
-    dedup: Dedup,
+    transform: Transform,
     sink: Sink,
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
@@ -142,26 +190,10 @@ struct Stages {
 }
 
 impl Stages {
-    /// Decode + validate, dedup, mask: one receive batch, in order, no I/O.
+    /// Decode + validate, dedup, mask: one receive batch, counted once.
     fn process(&self, batch: Vec<Envelope>) -> Vec<Item> {
-        let mut duplicates = 0;
-        let items: Vec<Item> = batch
-            .into_iter()
-            .map(|envelope| {
-                let fingerprint = self.dedup.fingerprint(&envelope.ack.message_id, &envelope.body);
-                let record = if self.dedup.is_committed(fingerprint) {
-                    duplicates += 1;
-                    Record::Duplicate
-                } else {
-                    let meta = MessageMeta { message_id: envelope.ack.message_id.clone(), sent_at: envelope.sent_at };
-                    match decode(&envelope.body) {
-                        Ok(login) => Record::Login(self.masker.mask_login(login, meta)),
-                        Err(rejection) => Record::Quarantine(self.masker.quarantine(rejection, &envelope.body, meta)),
-                    }
-                };
-                Item { ack: envelope.ack, fingerprint, record }
-            })
-            .collect();
+        let items = self.transform.process(batch);
+        let duplicates = items.iter().filter(|item| matches!(item.record, Record::Duplicate)).count() as u64;
         metrics::counter!(metrics::DUPLICATES_DROPPED, "stage" => "cache").increment(duplicates);
         Stats::add(&self.stats.duplicates, duplicates);
         Stats::add(&self.stats.received, items.len() as u64);
@@ -170,34 +202,25 @@ impl Stages {
 
     /// Writes one window in one transaction (retrying until it commits or shutdown gives up),
     /// then deletes its messages and remembers them as committed.
-    async fn flush(&self, batch: Vec<Item>) {
+    async fn flush(&self, items: Vec<Item>) {
         let started = Instant::now();
-        let mut logins = Vec::new();
-        let mut quarantine = Vec::new();
-        for item in &batch {
-            match &item.record {
-                Record::Login(login) => logins.push(login.clone()),
-                Record::Quarantine(record) => quarantine.push(record.clone()),
-                Record::Duplicate => {}
-            }
-        }
-
-        let Some(committed) = self.write_with_retry(&logins, &quarantine).await else {
-            Stats::add(&self.stats.abandoned, batch.len() as u64);
-            self.in_flight.release(batch.iter().map(Item::receipt));
+        let window = Window::split(items);
+        let Some(committed) = self.write_with_retry(&window.logins, &window.quarantine).await else {
+            Stats::add(&self.stats.abandoned, window.acks.len() as u64);
+            self.in_flight.release(window.receipts());
             return;
         };
         let now = Utc::now();
-        metrics::histogram!(metrics::BATCH_SIZE).record(batch.len() as f64);
+        metrics::histogram!(metrics::BATCH_SIZE).record(window.acks.len() as f64);
         metrics::histogram!(metrics::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
         let latency = metrics::histogram!(metrics::END_TO_END_LATENCY);
-        for login in &logins {
+        for login in &window.logins {
             latency.record((now - login.sent_at).as_seconds_f64().max(0.0));
         }
         metrics::counter!(metrics::RECORDS_WRITTEN).increment(committed.written);
         metrics::counter!(metrics::DUPLICATES_DROPPED, "stage" => "database").increment(committed.already_stored);
         let mut by_reason: HashMap<Reason, u64> = HashMap::new();
-        for record in quarantine.iter().chain(&committed.rejected) {
+        for record in window.quarantine.iter().chain(&committed.rejected) {
             *by_reason.entry(record.reason).or_default() += 1;
         }
         for (reason, n) in &by_reason {
@@ -207,16 +230,14 @@ impl Stages {
             metrics::error("sink", "rejected_record");
         }
 
-        let acks: Vec<&Ack> = batch.iter().map(|item| &item.ack).collect();
-        let deleted = ack::delete_all(&self.sqs, &self.queue_url, &acks, self.max_backoff).await;
-        let committed_fingerprints: Vec<Fingerprint> = batch.iter().filter_map(Item::committed_fingerprint).collect();
-        self.dedup.mark_committed(committed_fingerprints).await;
-        self.in_flight.release(batch.iter().map(Item::receipt));
+        let deleted = ack::delete_all(&self.sqs, &self.queue_url, &window.acks, self.max_backoff).await;
+        self.transform.dedup.mark_committed(window.fingerprints.iter().copied()).await;
+        self.in_flight.release(window.receipts());
 
         let stats = &self.stats;
         Stats::add(&stats.written, committed.written);
         Stats::add(&stats.duplicates, committed.already_stored);
-        Stats::add(&stats.quarantined, quarantine.len() as u64 + committed.rejected.len() as u64);
+        Stats::add(&stats.quarantined, (window.quarantine.len() + committed.rejected.len()) as u64);
         Stats::add(&stats.deleted, deleted.succeeded);
         Stats::add(&stats.delete_failures, deleted.gave_up);
         let mut totals = stats.by_reason.lock().unwrap_or_else(|e| e.into_inner());
@@ -278,9 +299,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         return Err(RunError::ShutdownBeforeStart);
     }
 
+    let dedup = Dedup::new(args.dedup_key, args.dedup_capacity.get(), Duration::from_secs(args.dedup_ttl_secs));
     let stages = Arc::new(Stages {
-        masker,
-        dedup: Dedup::new(args.dedup_key, args.dedup_capacity.get(), Duration::from_secs(args.dedup_ttl_secs)),
+        transform: Transform { masker, dedup },
         sink,
         sqs: sqs_client.clone(),
         queue_url: args.sqs.queue_url.clone(),
@@ -443,8 +464,10 @@ mod tests {
             aws_secret_access_key: None,
         };
         Stages {
-            masker: Masker::new(&secrecy::SecretString::from("k".repeat(32))),
-            dedup: Dedup::new(DedupKey::MessageId, 100, Duration::from_secs(60)),
+            transform: Transform {
+                masker: Masker::new(&secrecy::SecretString::from("k".repeat(32))),
+                dedup: Dedup::new(DedupKey::MessageId, 100, Duration::from_secs(60)),
+            },
             sink: Sink::new("postgres://nobody@127.0.0.1:9/none".parse().unwrap(), 1),
             sqs: sqs::client(&sqs_args).await,
             queue_url: sqs_args.queue_url,
@@ -469,7 +492,8 @@ mod tests {
     #[tokio::test]
     async fn process_sorts_messages_into_rows_quarantine_and_duplicates_in_order() {
         let stages = stages().await;
-        stages.dedup.mark_committed([stages.dedup.fingerprint("m-3", "")]).await;
+        let dedup = &stages.transform.dedup;
+        dedup.mark_committed([dedup.fingerprint("m-3", "")]).await;
         let batch = vec![envelope("m-1", VALID), envelope("m-2", "{oops"), envelope("m-3", VALID)];
         let mut items = Vec::new();
         let series = capture(|| items = stages.process(batch));

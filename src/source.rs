@@ -24,6 +24,13 @@ pub struct Ack {
     pub receipt_handle: String,
 }
 
+impl Ack {
+    /// The receipt handle, as the in-flight registry keys it.
+    pub fn receipt(&self) -> &str {
+        &self.receipt_handle
+    }
+}
+
 /// One received message. `body` may hold raw PII: it is never logged.
 pub struct Envelope {
     pub ack: Ack,
