@@ -8,6 +8,11 @@ use tracing::Level;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::prelude::*;
 
+// Messages are allocated by the poller tasks and freed by the sink tasks on other threads;
+// mimalloc handles that cross-thread pattern far better than glibc (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Dependencies that print request data at debug level (tokio-postgres prints query
 /// parameters, the AWS SDK prints bodies): capped at INFO whatever RUST_LOG says.
 const CHATTY_DEPENDENCIES: [&str; 5] = ["tokio_postgres", "aws_smithy", "aws_sdk", "hyper", "h2"];

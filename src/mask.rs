@@ -39,7 +39,9 @@ impl Masker {
     /// Lower-case hex HMAC-SHA256 of `value`.
     pub fn mask(&self, value: &str) -> String {
         let digest = self.keyed.clone().chain_update(value.as_bytes()).finalize().into_bytes();
-        hex::encode(digest)
+        let mut text = [0u8; 64];
+        hex::encode_to_slice(digest, &mut text).expect("32 bytes are 64 hex digits");
+        std::str::from_utf8(&text).expect("hex digits are ASCII").to_owned()
     }
 
     /// Turns a valid login into the only record type the sink accepts.

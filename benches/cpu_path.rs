@@ -1,0 +1,135 @@
+//! CPU path benches: decode + validate, dedup (hit and miss), mask, and the whole path
+//! (decode + validate + dedup + mask + windowing) over a realistic mix, on one and two threads.
+//! No I/O. Run: `cargo bench --bench cpu_path`.
+
+use std::time::Duration;
+
+// As in the binary (src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use chrono::Utc;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use loginflow::config::DedupKey;
+use loginflow::decode::decode;
+use loginflow::dedup::Dedup;
+use loginflow::mask::{Masker, MessageMeta};
+use loginflow::pipeline::{Item, Transform};
+use loginflow::source::{Ack, Envelope};
+use secrecy::SecretString;
+
+const MESSAGES: usize = 10_000;
+/// One in ten messages is a redelivery of a committed one.
+const DUPLICATE_EVERY: usize = 10;
+const WINDOW_ROWS: usize = 1_000;
+
+/// The task sample's mix (1 % malformed, 29 % null locale, three version forms) plus 10 % redeliveries.
+fn envelopes() -> Vec<Envelope> {
+    loginflow::seed::synthetic(MESSAGES as u64, 7)
+        .enumerate()
+        .map(|(i, body)| {
+            let id = if i % DUPLICATE_EVERY == 0 { format!("committed-{i}") } else { format!("m-{i}") };
+            Envelope {
+                ack: Ack { message_id: id, receipt_handle: format!("receipt-{i}") },
+                body: body.to_string(),
+                sent_at: Utc::now(),
+            }
+        })
+        .collect()
+}
+
+fn transform() -> Transform {
+    let masker = Masker::new(&SecretString::from("bench-key-bench-key-bench-key-0123"));
+    let dedup = Dedup::new(DedupKey::MessageId, 200_000, Duration::from_secs(3600));
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let committed: Vec<u128> =
+        (0..MESSAGES).step_by(DUPLICATE_EVERY).map(|i| dedup.fingerprint(&format!("committed-{i}"), "")).collect();
+    runtime.block_on(dedup.mark_committed(committed));
+    Transform { masker, dedup }
+}
+
+/// The pipeline's shape: receive batches of 10 in, windows of 1 000 items out.
+fn cpu_path(transform: &Transform, messages: Vec<Envelope>) -> Vec<Vec<Item>> {
+    let mut windows = Vec::new();
+    let mut window = Vec::with_capacity(WINDOW_ROWS);
+    let mut messages = messages.into_iter().peekable();
+    while messages.peek().is_some() {
+        let batch: Vec<Envelope> = messages.by_ref().take(10).collect();
+        for item in transform.process(batch) {
+            window.push(item);
+            if window.len() == WINDOW_ROWS {
+                windows.push(std::mem::replace(&mut window, Vec::with_capacity(WINDOW_ROWS)));
+            }
+        }
+    }
+    windows.push(window);
+    windows
+}
+
+fn stages(c: &mut Criterion) {
+    let transform = transform();
+    let messages = envelopes();
+    let bodies: Vec<String> = messages.iter().map(|e| e.body.clone()).collect();
+
+    let mut group = c.benchmark_group("stages");
+    group.throughput(Throughput::Elements(MESSAGES as u64));
+    group.bench_function("decode_validate", |b| b.iter(|| bodies.iter().filter(|body| decode(body).is_ok()).count()));
+    group.bench_function("dedup_miss", |b| {
+        b.iter(|| {
+            messages.iter().filter(|e| transform.dedup.is_committed(transform.dedup.fingerprint(&e.body, ""))).count()
+        })
+    });
+    let hits: Vec<String> =
+        (0..MESSAGES).map(|i| format!("committed-{}", i / DUPLICATE_EVERY * DUPLICATE_EVERY)).collect();
+    group.bench_function("dedup_hit", |b| {
+        b.iter(|| hits.iter().filter(|id| transform.dedup.is_committed(transform.dedup.fingerprint(id, ""))).count())
+    });
+    let valid: Vec<_> = bodies.iter().filter_map(|body| decode(body).ok()).collect();
+    group.throughput(Throughput::Elements(valid.len() as u64));
+    group.bench_function("mask", |b| {
+        b.iter_batched(
+            || valid.clone(),
+            |logins| {
+                logins
+                    .into_iter()
+                    .map(|login| {
+                        transform.masker.mask_login(login, MessageMeta { message_id: "m".into(), sent_at: Utc::now() })
+                    })
+                    .count()
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("cpu_path");
+    group.throughput(Throughput::Elements(MESSAGES as u64));
+    group.bench_function("one_thread", |b| {
+        b.iter_batched(envelopes, |messages| cpu_path(&transform, messages), BatchSize::LargeInput)
+    });
+    group.bench_function("two_threads", |b| {
+        b.iter_batched(
+            || {
+                let mut first = envelopes();
+                let second = first.split_off(MESSAGES / 2);
+                (first, second)
+            },
+            |(first, second)| {
+                std::thread::scope(|scope| {
+                    let a = scope.spawn(|| cpu_path(&transform, first));
+                    let b = cpu_path(&transform, second);
+                    (a.join().unwrap(), b)
+                })
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5)).sample_size(30);
+    targets = stages
+}
+criterion_main!(benches);
