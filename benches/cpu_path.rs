@@ -95,7 +95,7 @@ fn stages(c: &mut Criterion) {
                     .map(|login| {
                         transform.masker.mask_login(login, MessageMeta { message_id: "m".into(), sent_at: Utc::now() })
                     })
-                    .count()
+                    .collect::<Vec<_>>()
             },
             BatchSize::LargeInput,
         )
