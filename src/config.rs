@@ -150,8 +150,8 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_209_600))]
     pub dedup_ttl_secs: u64,
 
-    /// Most entries the dedup cache holds (about 100 bytes each).
-    #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "200000")]
+    /// Most entries the dedup cache holds (about 300 bytes each, measured).
+    #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "100000")]
     pub dedup_capacity: NonZeroUsize,
 
     /// What the dedup cache keys on.
@@ -194,6 +194,10 @@ pub struct SeedArgs {
     /// Random seed of the synthetic generator.
     #[arg(long, value_name = "SEED", default_value = "42")]
     pub rng_seed: u64,
+
+    /// Publish at most this many messages per second (default: as fast as possible).
+    #[arg(long, value_name = "PER_SECOND", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rate: Option<u32>,
 
     /// Receives before a message moves to the dead-letter queue.
     #[arg(long, env = "MAX_RECEIVE_COUNT", value_name = "MAX_RECEIVE_COUNT", default_value = "5",

@@ -51,7 +51,10 @@ async fn main() -> anyhow::Result<()> {
                 (None, Some(count)) => seed::synthetic(count, args.rng_seed).map(|v| v.to_string()).collect(),
                 (None, None) => anyhow::bail!("seed needs --file PATH or --count N"),
             };
-            let sent = seed::publish(&client, &queue_url, bodies).await?;
+            let sent = match args.rate {
+                Some(per_second) => seed::publish_paced(&client, &queue_url, bodies, per_second).await?,
+                None => seed::publish(&client, &queue_url, bodies).await?,
+            };
             println!("published {sent} messages to {queue_url}");
         }
         Command::Generate(args) => {

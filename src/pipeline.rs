@@ -418,18 +418,28 @@ async fn migrate_with_retry(sink: &Sink, max_backoff: Duration) {
     }
 }
 
-/// Publishes the queue's depth; with `drain`, also stops the source once the queue reports
-/// nothing visible, in flight or delayed and nothing received is still held, on several checks in a row.
+/// Publishes the queue's depth every [`QUEUE_CHECK_INTERVAL`]; with `drain`, also stops the source
+/// once the queue reports nothing visible, in flight or delayed and nothing received is still held,
+/// on several checks in a row. While messages are held the queue cannot be drained, so the drain
+/// check skips the call then: counting a large queue is expensive for the SQS emulator.
 async fn watch_queue(stages: Arc<Stages>, drain: Option<CancellationToken>, done: CancellationToken) {
     let interval = if drain.is_some() { DRAIN_CHECK_INTERVAL } else { QUEUE_CHECK_INTERVAL };
     let mut confirmations = 0;
+    let mut last_read: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = done.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        let gauge_due = last_read.is_none_or(|at| at.elapsed() >= QUEUE_CHECK_INTERVAL);
+        let drain_check = drain.is_some() && stages.in_flight.is_empty();
+        if !gauge_due && !drain_check {
+            confirmations = 0;
+            continue;
+        }
         let empty = match sqs::queue_depth(&stages.sqs, &stages.queue_url).await {
             Ok(depth) => {
+                last_read = Some(Instant::now());
                 depth.record();
                 depth.is_empty() && stages.in_flight.is_empty()
             }

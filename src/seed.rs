@@ -67,6 +67,23 @@ pub async fn ensure_queue(client: &Client, name: &str, max_receive_count: u16) -
     Ok(created.queue_url.unwrap_or_default())
 }
 
+/// Publishes `bodies` at about `per_second` messages a second, 10 per call. Returns how many were sent.
+pub async fn publish_paced(
+    client: &Client,
+    queue_url: &str,
+    bodies: Vec<String>,
+    per_second: u32,
+) -> Result<usize, SeedError> {
+    let period = Duration::from_secs_f64(SQS_BATCH_LIMIT as f64 / f64::from(per_second));
+    let mut tick = tokio::time::interval(period);
+    let mut sent = 0;
+    for chunk in bodies.chunks(SQS_BATCH_LIMIT) {
+        tick.tick().await;
+        sent += send_chunk(client, queue_url, chunk.to_vec()).await?;
+    }
+    Ok(sent)
+}
+
 /// Publishes `bodies` to `queue_url`, 10 per call, several calls at once. Returns how many were sent.
 pub async fn publish(client: &Client, queue_url: &str, bodies: Vec<String>) -> Result<usize, SeedError> {
     let chunks: Vec<Vec<String>> = bodies.chunks(SQS_BATCH_LIMIT).map(<[String]>::to_vec).collect();

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Load test, everything side by side in one run against the same LocalStack and PostgreSQL:
+#   A. a bare aws-sdk-sqs client's receive+delete rate on N messages      (examples/bare_sqs_client.rs)
+#   B. loginflow's end-to-end rate on N messages (process start -> last row visible), peak RSS
+#   C. end-to-end latency p50/p99 at a steady publish rate (LATENCY_RATE msg/s for LATENCY_SECS s)
+#   D. psql \copy of B's rows into a fresh user_logins vs loginflow's sink writing the same rows
+# Settings: N (200000), POLLERS (4, loginflow's default), LATENCY_RATE (1000), LATENCY_SECS (20),
+#           REPLICAS (1: loginflow processes in B), PHASES (ABCD: which of the above to run).
+# Any loginflow setting (BATCH_MAX_ROWS, MASK_CONCURRENCY, ...) set in the environment applies to B, C and D.
+# Results: printed, and written to target/loadtest/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-200000}
+POLLERS=${POLLERS:-4}
+LATENCY_RATE=${LATENCY_RATE:-1000}
+LATENCY_SECS=${LATENCY_SECS:-20}
+REPLICAS=${REPLICAS:-1}
+PHASES=${PHASES:-ABCD}
+source scripts/services.sh
+trap services_down EXIT
+services_up
+ADMIN_URL=$DATABASE_URL
+OUT=target/loadtest
+mkdir -p "$OUT"
+echo "[loadtest] building (release)"
+cargo build --release --quiet --bins --examples
+BIN=target/release/loginflow
+export MASK_KEY="loadtest-throwaway-key-0123456789abcdef" METRICS_ADDR=127.0.0.1:0 POLLERS
+run_id=$$
+
+now() { date +%s.%N; }
+calc() { awk "BEGIN { printf \"%.6f\", $* }"; }
+elapsed() { calc "$2 - $1"; }
+fresh_db() { PGOPTIONS='--client-min-messages=warning' psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1"; echo "${ADMIN_URL%/*}/$1"; }
+seed() { # queue-name count [extra args] -> prints the queue URL
+  local name=$1 count=$2; shift 2
+  QUEUE_URL="$AWS_ENDPOINT_URL/000000000000/$name" "$BIN" seed --count "$count" "$@" | sed 's/.* to //'
+}
+stored() { psql -qtA "$1" -c "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_quarantine)" 2>/dev/null || echo 0; }
+
+has() { [[ $PHASES == *$1* ]]; }
+results=()
+row() { results+=("$(printf "$@")"); }
+pct() { awk "BEGIN { printf \"%.0f\", 100 * $1 / $2 }"; }
+
+# The emulator drifts over a long run (whichever phase comes later is slower), so with both A and B
+# the bare client runs before and after loginflow, and B is compared with the mean of the two.
+bare_rates=()
+bare_client() {
+  echo "[loadtest] A. bare SDK client: $N messages, $POLLERS pollers ($1)"
+  local queue rate
+  queue=$(seed "lt-bare-$1-$run_id" "$N")
+  read -r _ _ rate < <(target/release/examples/bare_sqs_client "$queue" "$N" "$POLLERS")
+  bare_rates+=("$rate")
+}
+has A && bare_client before
+
+if has B; then
+  echo "[loadtest] B. loginflow run --drain: $N messages, $REPLICAS process(es)"
+  queue=$(seed "lt-flow-$run_id" "$N")
+  flow_db=$(fresh_db loadtest_flow)
+  DATABASE_URL=$flow_db "$BIN" migrate >/dev/null
+  start=$(now)
+  pids=()
+  for r in $(seq 1 "$REPLICAS"); do
+    QUEUE_URL=$queue DATABASE_URL=$flow_db /usr/bin/time -v -o "$OUT/time-$r.txt" "$BIN" run --drain \
+      >"$OUT/summary-$r.json" 2>"$OUT/run-$r.log" &
+    pids+=($!)
+  done
+  while [ "$(stored "$flow_db")" -lt "$N" ]; do
+    kill -0 "${pids[0]}" 2>/dev/null || { echo "loginflow exited early"; cat "$OUT/run-1.log"; exit 1; }
+    sleep 0.1
+  done
+  last_row=$(now)
+  wait "${pids[@]}"
+  flow_secs=$(elapsed "$start" "$last_row")
+  flow_rate=$(calc "$N / $flow_secs")
+  rss_kib=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$OUT/time-1.txt")
+  row '| B. loginflow end to end, %s messages, %s process(es) | %.0f msg/s in %.1f s | >= 90%% of A |' \
+    "$N" "$REPLICAS" "$flow_rate" "$flow_secs"
+  row '| B. loginflow peak RSS (one process) | %.1f MiB | <= 100 MiB |' "$(calc "$rss_kib / 1024")"
+  echo "summary of B (process 1): $(tr -d '\n ' <"$OUT/summary-1.json")"
+fi
+
+if has A; then
+  has B && bare_client after
+  bare_rate=$(printf '%s\n' "${bare_rates[@]}" | awk '{ sum += $1 } END { printf "%.6f", sum / NR }')
+  row '| A. bare SDK client, receive+delete (%s pollers) | %.0f msg/s (runs: %s) | |' "$POLLERS" "$bare_rate" \
+    "$(printf '%.0f ' "${bare_rates[@]}" | sed 's/ $//; s/ / and /')"
+  if [ -n "${flow_rate:-}" ]; then row '| B / A | %s%% | >= 90%% |' "$(pct "$flow_rate" "$bare_rate")"; fi
+fi
+
+if has C; then
+  echo "[loadtest] C. latency at $LATENCY_RATE msg/s for $LATENCY_SECS s"
+  latency_n=$((LATENCY_RATE * LATENCY_SECS))
+  latency_db=$(fresh_db loadtest_latency)
+  queue=$(seed "lt-latency-$run_id" 0)
+  QUEUE_URL=$queue DATABASE_URL=$latency_db "$BIN" run >/dev/null 2>"$OUT/latency.log" &
+  latency_pid=$!
+  seed "lt-latency-$run_id" "$latency_n" --rate "$LATENCY_RATE" --rng-seed 7 >/dev/null
+  while [ "$(stored "$latency_db")" -lt "$latency_n" ]; do sleep 0.2; done
+  kill -TERM "$latency_pid"
+  wait "$latency_pid"
+  read -r p50 p99 < <(psql -qtA -F' ' "$latency_db" -c "
+    SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM ingested_at - sent_at))::numeric * 1000, 1),
+           round(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM ingested_at - sent_at))::numeric * 1000, 1)
+    FROM user_logins")
+  row '| C. end-to-end latency at %s msg/s (ingested_at - SentTimestamp) | p50 %s ms, p99 %s ms | |' \
+    "$LATENCY_RATE" "$p50" "$p99"
+fi
+
+if has D; then
+  [ -n "${flow_db:-}" ] || { echo "phase D needs the rows of phase B"; exit 1; }
+  echo "[loadtest] D. psql \\copy vs loginflow's sink, same rows, same table"
+  csv=$(realpath "$OUT")/rows.csv
+  psql -q "$flow_db" -c "\\copy (SELECT message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version, app_version_text, to_json(sent_at) #>> '{}', create_date FROM user_logins) TO '$csv' CSV"
+  rows=$(wc -l <"$csv")
+  copy_db=$(fresh_db loadtest_copy)
+  DATABASE_URL=$copy_db "$BIN" migrate >/dev/null
+  start=$(now)
+  psql -q "$copy_db" -c "\\copy user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version, app_version_text, sent_at, create_date) FROM '$csv' CSV"
+  copy_rate=$(calc "$rows / $(elapsed "$start" "$(now)")")
+  sink_db=$(fresh_db loadtest_sink)
+  read -r _ _ sink_rate < <(target/release/examples/sink_load "$csv" "$sink_db" "${BATCH_MAX_ROWS:-1000}" "${SINK_CONNECTIONS:-2}")
+  row '| D. psql \\copy, %s rows | %.0f rows/s | |' "$rows" "$copy_rate"
+  row '| D. loginflow sink, same rows (%s/batch, %s connections) | %.0f rows/s (%s%% of \\copy) | >= 80%% of \\copy |' \
+    "${BATCH_MAX_ROWS:-1000}" "${SINK_CONNECTIONS:-2}" "$sink_rate" "$(pct "$sink_rate" "$copy_rate")"
+fi
+
+{
+  echo "| measure | value | bar |"
+  echo "|---|---|---|"
+  printf '%s\n' "${results[@]}"
+} | tee "$OUT/results.md"
