@@ -499,6 +499,14 @@ mod tests {
     const VALID: &str =
         r#"{"user_id":"u","app_version":"1.0","device_type":"ios","ip":"1.2.3.4","locale":null,"device_id":"1"}"#;
 
+    #[test]
+    fn the_pipeline_future_can_be_spawned() {
+        fn assert_send<T: Send>(_: &T) {}
+        let cli = <crate::config::Cli as clap::Parser>::try_parse_from(["loginflow", "run"]).unwrap();
+        let crate::config::Command::Run(args) = cli.command else { unreachable!() };
+        assert_send(&run(*args, std::future::pending()));
+    }
+
     #[tokio::test]
     async fn process_sorts_messages_into_rows_quarantine_and_duplicates_in_order() {
         let stages = stages().await;

@@ -167,36 +167,65 @@ async fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     );
 }
 
-#[tokio::test]
-async fn postgres_stopped_for_30_seconds_mid_run_recovers_by_itself() {
-    let env = TestEnv::new().await;
-    let bodies = synthetic_bodies(6_000, 102);
-    let sent = env.publish_with_ids(&bodies).await;
-    let settings = [("VISIBILITY_TIMEOUT_SECS", "10".to_owned()), ("BATCH_MAX_ROWS", "200".to_owned())];
-    let mut process = Loginflow::spawn(&env, &["--drain"], &settings);
-    wait_for_rows(&env, 300).await;
+/// What an outage test measured.
+struct OutageFigures {
+    sent: usize,
+    rows_before_return: i64,
+    recovery: Duration,
+    summary: Value,
+    lost: usize,
+    duplicated: usize,
+}
 
-    services("postgres-stop");
-    let stopped_at = row_count(&env).await;
-    assert_eq!(stopped_at, -1, "PostgreSQL is down");
+/// Drains 6 000 messages through an outage of [`OUTAGE`]: `take_down` mid-run, `bring_back` after;
+/// loginflow must stay up, resume by itself, and store every message exactly once.
+async fn drain_through_outage(
+    env: &TestEnv,
+    seed: u64,
+    settings: &[(&str, String)],
+    take_down: impl AsyncFnOnce(),
+    bring_back: impl AsyncFnOnce(),
+) -> OutageFigures {
+    let bodies = synthetic_bodies(6_000, seed);
+    let sent = env.publish_with_ids(&bodies).await;
+    let mut settings = settings.to_vec();
+    settings.extend([("VISIBILITY_TIMEOUT_SECS", "10".to_owned()), ("BATCH_MAX_ROWS", "200".to_owned())]);
+    let mut process = Loginflow::spawn(env, &["--drain"], &settings);
+    wait_for_rows(env, 300).await;
+
+    take_down().await;
     tokio::time::sleep(OUTAGE).await;
     assert!(process.is_running(), "loginflow kept running through the outage");
-    services("postgres-start");
-    let before = row_count(&env).await;
-    let recovery = time_to_progress(&env, before).await;
+    bring_back().await;
+    let rows_before_return = row_count(env).await;
+    let recovery = time_to_progress(env, rows_before_return).await;
 
     let (ok, summary, logs) = process.finish(Duration::from_secs(300)).await;
     assert!(ok, "drain after the outage failed");
     let (lost, duplicated) = env.assert_exactly_once(&sent).await;
-    assert_no_pii(&env, &bodies, &logs).await;
+    assert_no_pii(env, &bodies, &logs).await;
+    OutageFigures { sent: sent.len(), rows_before_return, recovery, summary, lost, duplicated }
+}
+
+#[tokio::test]
+async fn postgres_stopped_for_30_seconds_mid_run_recovers_by_itself() {
+    let env = TestEnv::new().await;
+    let take_down = async || {
+        services("postgres-stop");
+        assert_eq!(row_count(&env).await, -1, "PostgreSQL is down");
+    };
+    let f = drain_through_outage(&env, 102, &[], take_down, async || services("postgres-start")).await;
     println!(
-        "figures: postgres_outage sent={} outage_secs={} rows_before_restart={before} recovery_secs={:.1} written={} quarantined={} duplicates_dropped={} lost={lost} duplicated={duplicated}",
-        sent.len(),
+        "figures: postgres_outage sent={} outage_secs={} rows_before_restart={} recovery_secs={:.1} written={} quarantined={} duplicates_dropped={} lost={} duplicated={}",
+        f.sent,
         OUTAGE.as_secs(),
-        recovery.as_secs_f64(),
-        summary["written"],
-        summary["quarantined"],
-        summary["duplicates"]
+        f.rows_before_return,
+        f.recovery.as_secs_f64(),
+        f.summary["written"],
+        f.summary["quarantined"],
+        f.summary["duplicates"],
+        f.lost,
+        f.duplicated
     );
 }
 
@@ -253,36 +282,20 @@ impl Proxy {
 #[tokio::test]
 async fn sqs_endpoint_gone_for_30_seconds_mid_run_recovers_by_itself() {
     let env = TestEnv::new().await;
-    let bodies = synthetic_bodies(6_000, 103);
-    let sent = env.publish_with_ids(&bodies).await;
     let proxy = Proxy::start(env.endpoint.trim_start_matches("http://")).await;
-    let settings = [
-        ("VISIBILITY_TIMEOUT_SECS", "10".to_owned()),
-        ("BATCH_MAX_ROWS", "200".to_owned()),
-        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", proxy.port)),
-    ];
-    let mut process = Loginflow::spawn(&env, &["--drain"], &settings);
-    wait_for_rows(&env, 300).await;
-
-    proxy.down();
-    tokio::time::sleep(OUTAGE).await;
-    assert!(process.is_running(), "loginflow kept running through the outage");
-    let before = row_count(&env).await;
-    proxy.up().await;
-    let recovery = time_to_progress(&env, before).await;
-
-    let (ok, summary, logs) = process.finish(Duration::from_secs(300)).await;
-    assert!(ok, "drain after the outage failed");
-    let (lost, duplicated) = env.assert_exactly_once(&sent).await;
-    assert_no_pii(&env, &bodies, &logs).await;
+    let through_proxy = [("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", proxy.port))];
+    let f = drain_through_outage(&env, 103, &through_proxy, async || proxy.down(), async || proxy.up().await).await;
     println!(
-        "figures: sqs_outage sent={} outage_secs={} rows_before_return={before} recovery_secs={:.1} written={} duplicates_dropped={} delete_failures={} lost={lost} duplicated={duplicated}",
-        sent.len(),
+        "figures: sqs_outage sent={} outage_secs={} rows_before_return={} recovery_secs={:.1} written={} duplicates_dropped={} delete_failures={} lost={} duplicated={}",
+        f.sent,
         OUTAGE.as_secs(),
-        recovery.as_secs_f64(),
-        summary["written"],
-        summary["duplicates"],
-        summary["delete_failures"]
+        f.rows_before_return,
+        f.recovery.as_secs_f64(),
+        f.summary["written"],
+        f.summary["duplicates"],
+        f.summary["delete_failures"],
+        f.lost,
+        f.duplicated
     );
 }
 
