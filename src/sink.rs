@@ -1,6 +1,6 @@
 //! Sink: writes one batch to PostgreSQL in one transaction.
 //!
-//! Logins go in with a binary `COPY` (the fastest path, ~1.7× the UNNEST insert; see
+//! Logins go in with a binary `COPY` (the fastest path, 1.1–1.7× the UNNEST insert; see
 //! BENCHMARKS.md). COPY cannot skip rows that already exist, so when a batch holds a
 //! message already stored (a redelivery) the unique index refuses it and the batch is
 //! written again with `INSERT ... SELECT FROM UNNEST(...) ON CONFLICT DO NOTHING`, which
