@@ -7,7 +7,8 @@
 # Exports DATABASE_URL (the `postgres` database of the cluster) and AWS_ENDPOINT_URL.
 #
 # Settings: LOGINFLOW_STATE (venvs and logs, default ~/.cache/loginflow),
-#           PG_PORT (default 55432), SQS_PORT (default 4566), PG_FAST=1 (no fsync: tests only).
+#           PG_PORT (default 55432), SQS_PORT (default 4566), PG_FAST=1 (no fsync: tests only),
+#           LOGINFLOW_SQS=auto|localstack|moto (default auto: LocalStack when Python >= 3.13 is found, else moto).
 
 LOGINFLOW_STATE=${LOGINFLOW_STATE:-$HOME/.cache/loginflow}
 PG_PORT=${PG_PORT:-55432}
@@ -91,8 +92,13 @@ sqs_up() {
     return 0
   fi
   mkdir -p "$LOGINFLOW_STATE"
-  local py
-  if py=$(_python_for_localstack); then
+  local py=""
+  case "${LOGINFLOW_SQS:-auto}" in
+    moto) ;;
+    localstack) py=$(_python_for_localstack) || { _log "LOGINFLOW_SQS=localstack but no Python >= 3.13 found"; return 1; } ;;
+    *) py=$(_python_for_localstack) || py="" ;;
+  esac
+  if [ -n "$py" ]; then
     local venv="$LOGINFLOW_STATE/localstack-$LOCALSTACK_VERSION"
     if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import localstack' 2>/dev/null; then
       _log "installing LocalStack $LOCALSTACK_VERSION into $venv (about a minute)"
