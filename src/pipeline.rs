@@ -290,13 +290,14 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
     tracker.spawn(http::serve(listener, prometheus, probes, background.clone()));
 
     tokio::pin!(shutdown);
-    let migrated = tokio::select! {
-        result = migrate_with_retry(&sink, args.retry_max_backoff()) => Some(result),
-        _ = &mut shutdown => None,
-    };
-    if migrated.is_none() {
-        background.cancel();
-        return Err(RunError::ShutdownBeforeStart);
+    tokio::select! {
+        () = migrate_with_retry(&sink, args.retry_max_backoff()) => {}
+        () = &mut shutdown => {
+            background.cancel();
+            tracker.close();
+            tracker.wait().await;
+            return Err(RunError::ShutdownBeforeStart);
+        }
     }
 
     let dedup = Dedup::new(args.dedup_key, args.dedup_capacity.get(), Duration::from_secs(args.dedup_ttl_secs));
