@@ -81,11 +81,3 @@ async fn schema_is_current(client: &impl GenericClient) -> Result<bool, tokio_po
     let row = client.query_one("SELECT obj_description(to_regclass('user_logins'), 'pg_class')", &[]).await?;
     Ok(row.get::<_, Option<&str>>(0) == Some(SCHEMA_VERSION))
 }
-
-/// Rows in `user_logins` and `user_logins_quarantine`, for summaries.
-pub async fn table_counts(client: &impl GenericClient) -> Result<(i64, i64), tokio_postgres::Error> {
-    let row = client
-        .query_one("SELECT (SELECT count(*) FROM user_logins), (SELECT count(*) FROM user_logins_quarantine)", &[])
-        .await?;
-    Ok((row.get(0), row.get(1)))
-}

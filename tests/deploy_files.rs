@@ -2,18 +2,13 @@
 //! every metric they use exists in the exporter's output, and every file they mount exists.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
 use serde_yaml_ng::Value as Yaml;
 
 #[path = "support/dashboards.rs"]
 mod dashboards;
 
-use dashboards::{alert_rules, dashboard_queries, repo_yaml as yaml};
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
+use dashboards::{alert_rules, dashboard_queries, repo_path as repo, repo_yaml as yaml};
 
 fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
