@@ -10,7 +10,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use loginflow::config::DedupKey;
 use loginflow::decode::decode;
 use loginflow::dedup::Dedup;
 use loginflow::mask::{Masker, MessageMeta};
@@ -33,6 +32,7 @@ fn envelopes() -> Vec<Envelope> {
                 ack: Ack { message_id: id, receipt_handle: format!("receipt-{i}") },
                 body: body.to_string(),
                 sent_at: Utc::now(),
+                share: None,
             }
         })
         .collect()
@@ -40,10 +40,10 @@ fn envelopes() -> Vec<Envelope> {
 
 fn transform() -> Transform {
     let masker = Masker::new(&SecretString::from("bench-key-bench-key-bench-key-0123"));
-    let dedup = Dedup::new(DedupKey::MessageId, 200_000, Duration::from_secs(3600));
+    let dedup = Dedup::new(200_000, Duration::from_secs(3600));
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let committed: Vec<u128> =
-        (0..MESSAGES).step_by(DUPLICATE_EVERY).map(|i| dedup.fingerprint(&format!("committed-{i}"), "")).collect();
+        (0..MESSAGES).step_by(DUPLICATE_EVERY).map(|i| dedup.fingerprint(&format!("committed-{i}"))).collect();
     runtime.block_on(dedup.mark_committed(committed));
     Transform { masker, dedup }
 }
@@ -76,13 +76,16 @@ fn stages(c: &mut Criterion) {
     group.bench_function("decode_validate", |b| b.iter(|| bodies.iter().filter(|body| decode(body).is_ok()).count()));
     group.bench_function("dedup_miss", |b| {
         b.iter(|| {
-            messages.iter().filter(|e| transform.dedup.is_committed(transform.dedup.fingerprint(&e.body, ""))).count()
+            messages
+                .iter()
+                .filter(|e| transform.dedup.is_committed(transform.dedup.fingerprint(&e.ack.message_id)))
+                .count()
         })
     });
     let hits: Vec<String> =
         (0..MESSAGES).map(|i| format!("committed-{}", i / DUPLICATE_EVERY * DUPLICATE_EVERY)).collect();
     group.bench_function("dedup_hit", |b| {
-        b.iter(|| hits.iter().filter(|id| transform.dedup.is_committed(transform.dedup.fingerprint(id, ""))).count())
+        b.iter(|| hits.iter().filter(|id| transform.dedup.is_committed(transform.dedup.fingerprint(id))).count())
     });
     let valid: Vec<_> = bodies.iter().filter_map(|body| decode(body).ok()).collect();
     group.throughput(Throughput::Elements(valid.len() as u64));

@@ -55,7 +55,7 @@ fn sink(c: &mut Criterion) {
         sink
     });
     let stored = rows(10);
-    runtime.block_on(sink.write(&stored, &[])).unwrap();
+    runtime.block_on(sink.write(&stored, &[], &Default::default())).unwrap();
 
     let mut group = c.benchmark_group("sink");
     let mut bench = |name: &str, method: WriteMethod, batch: usize, redelivered: usize| {
@@ -71,7 +71,7 @@ fn sink(c: &mut Criterion) {
                 },
                 |rows| {
                     let sink = sink.clone();
-                    async move { sink.write_using(method, &rows, &[]).await.unwrap() }
+                    async move { sink.write_using(method, &rows, &[], &Default::default()).await.unwrap() }
                 },
                 BatchSize::LargeInput,
             )

@@ -44,7 +44,7 @@ async fn main() {
     let written: u64 = futures::stream::iter(rows.chunks(batch))
         .map(|chunk| {
             let sink = sink.clone();
-            async move { sink.write(chunk, &[]).await.expect("write").written }
+            async move { sink.write(chunk, &[], &Default::default()).await.expect("write").written }
         })
         .buffer_unordered(connections)
         .fold(0, |sum, n| async move { sum + n })

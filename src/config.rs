@@ -5,7 +5,6 @@
 //! startup with clap's error, which names the variable and what it accepts.
 
 use std::net::SocketAddr;
-use std::num::{NonZeroU16, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -47,15 +46,6 @@ pub enum Command {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// What identifies a duplicate in the dedup cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DedupKey {
-    /// The SQS message id: catches redeliveries of one message.
-    MessageId,
-    /// A digest of the body: also catches a producer sending the same event twice.
-    BodyDigest,
 }
 
 /// Where the queue is and how to reach it.
@@ -122,13 +112,13 @@ pub struct RunArgs {
     #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
     pub metrics_addr: SocketAddr,
 
-    /// Concurrent long-polling receivers.
-    #[arg(long, env = "POLLERS", value_name = "POLLERS", default_value = "4")]
-    pub pollers: NonZeroU16,
+    /// Concurrent long-polling receivers (1..=256).
+    #[arg(long, env = "POLLERS", value_name = "POLLERS", default_value = "4", value_parser = count(1, 256))]
+    pub pollers: usize,
 
-    /// Long-poll wait per receive, 0..=20 seconds.
+    /// Long-poll wait per receive, 1..=20 seconds (0 would poll an empty queue in a busy loop).
     #[arg(long, env = "RECEIVE_WAIT_SECS", value_name = "RECEIVE_WAIT_SECS", default_value = "20",
-          value_parser = clap::value_parser!(u8).range(0..=20))]
+          value_parser = clap::value_parser!(u8).range(1..=20))]
     pub receive_wait_secs: u8,
 
     /// Visibility timeout requested on receive, and the length of each extension, 1..=43200 seconds.
@@ -136,9 +126,10 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=43_200))]
     pub visibility_timeout_secs: u32,
 
-    /// Rows per batch: a batch is written when it has this many messages...
-    #[arg(long, env = "BATCH_MAX_ROWS", value_name = "BATCH_MAX_ROWS", default_value = "1000")]
-    pub batch_max_rows: NonZeroUsize,
+    /// Rows per batch (1..=10000): a batch is written when it has this many messages...
+    #[arg(long, env = "BATCH_MAX_ROWS", value_name = "BATCH_MAX_ROWS", default_value = "1000",
+          value_parser = count(1, 10_000))]
+    pub batch_max_rows: usize,
 
     /// ...or when its first message has waited this long, in milliseconds (1..=600000).
     #[arg(long, env = "BATCH_MAX_WAIT_MS", value_name = "BATCH_MAX_WAIT_MS", default_value = "500",
@@ -150,21 +141,38 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_209_600))]
     pub dedup_ttl_secs: u64,
 
-    /// Most entries the dedup cache holds (about 300 bytes each, measured).
-    #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "100000")]
-    pub dedup_capacity: NonZeroUsize,
+    /// Most entries the dedup cache holds (1..=10000000; about 300 bytes each, measured).
+    #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "100000",
+          value_parser = count(1, 10_000_000))]
+    pub dedup_capacity: usize,
 
-    /// What the dedup cache keys on.
-    #[arg(long, env = "DEDUP_KEY", value_name = "DEDUP_KEY", default_value = "message-id")]
-    pub dedup_key: DedupKey,
+    /// Receive batches decoded and masked in parallel (1..=64).
+    #[arg(long, env = "MASK_CONCURRENCY", value_name = "MASK_CONCURRENCY", default_value = "4",
+          value_parser = count(1, 64))]
+    pub mask_concurrency: usize,
 
-    /// Receive batches decoded and masked in parallel.
-    #[arg(long, env = "MASK_CONCURRENCY", value_name = "MASK_CONCURRENCY", default_value = "4")]
-    pub mask_concurrency: NonZeroUsize,
+    /// Batches written to PostgreSQL at once, one connection each (1..=64).
+    #[arg(long, env = "SINK_CONNECTIONS", value_name = "SINK_CONNECTIONS", default_value = "2",
+          value_parser = count(1, 64))]
+    pub sink_connections: usize,
 
-    /// Batches written to PostgreSQL at once (one connection each).
-    #[arg(long, env = "SINK_CONNECTIONS", value_name = "SINK_CONNECTIONS", default_value = "2")]
-    pub sink_connections: NonZeroUsize,
+    /// Byte budget of message bodies held anywhere in the pipeline (16777216..=2147483648);
+    /// pollers wait while it is spent. Each poller reserves 10 MiB (a full batch) while it receives.
+    #[arg(long, env = "MAX_INFLIGHT_BYTES", value_name = "MAX_INFLIGHT_BYTES", default_value = "67108864",
+          value_parser = count(16 << 20, 2 << 30))]
+    pub max_inflight_bytes: usize,
+
+    /// Deadline of one batch's write to PostgreSQL, all statements and the commit, in seconds
+    /// (1..=3600); also each statement's server-side `statement_timeout`. A write past it is
+    /// cancelled, rolled back and retried.
+    #[arg(long, env = "FLUSH_TIMEOUT_SECS", value_name = "FLUSH_TIMEOUT_SECS", default_value = "30",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub flush_timeout_secs: u64,
+
+    /// With --drain: give up after this many seconds (1..=604800), exiting non-zero and naming what is still held.
+    #[arg(long, env = "DRAIN_TIMEOUT_SECS", value_name = "DRAIN_TIMEOUT_SECS", default_value = "1800",
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub drain_timeout_secs: u64,
 
     /// After SIGINT/SIGTERM, how long in-flight work may take to finish, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", value_name = "SHUTDOWN_GRACE_SECS", default_value = "30",
@@ -229,6 +237,13 @@ pub enum ConfigError {
     MaskKeyFile { path: PathBuf, source: std::io::Error },
     #[error("QUEUE_URL {0:?} is not an http(s) URL ending in the queue name")]
     QueueUrl(String),
+    #[error("VISIBILITY_TIMEOUT_SECS ({visibility_secs} s) must be longer than BATCH_MAX_WAIT_MS ({batch_wait_ms} ms): messages would become visible again while their batch waits")]
+    VisibilityShorterThanBatch { visibility_secs: u32, batch_wait_ms: u64 },
+}
+
+/// A parser of a count in `min..=max`, whose error names the range.
+fn count(min: u64, max: u64) -> impl clap::builder::TypedValueParser<Value = usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(min..=max)
 }
 
 impl RunArgs {
@@ -251,9 +266,16 @@ impl RunArgs {
         Ok(key)
     }
 
-    /// Checks what clap cannot: the queue URL's shape.
+    /// Checks what clap cannot: the queue URL's shape, and settings that cannot work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_queue_url(&self.sqs.queue_url)
+        validate_queue_url(&self.sqs.queue_url)?;
+        if u64::from(self.visibility_timeout_secs) * 1000 <= self.batch_max_wait_ms {
+            return Err(ConfigError::VisibilityShorterThanBatch {
+                visibility_secs: self.visibility_timeout_secs,
+                batch_wait_ms: self.batch_max_wait_ms,
+            });
+        }
+        Ok(())
     }
 
     pub fn batch_max_wait(&self) -> Duration {
@@ -267,6 +289,12 @@ impl RunArgs {
     }
     pub fn retry_max_backoff(&self) -> Duration {
         Duration::from_secs(self.retry_max_backoff_secs)
+    }
+    pub fn flush_timeout(&self) -> Duration {
+        Duration::from_secs(self.flush_timeout_secs)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
     }
 }
 
@@ -285,10 +313,9 @@ fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
     }
     let mut config: tokio_postgres::Config =
         url.parse().map_err(|_| "expected postgres://user:pass@host:port/db".to_string())?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(5));
+    if config.get_application_name().is_none() {
+        config.application_name("loginflow");
     }
-    config.application_name("loginflow");
     Ok(config)
 }
 
@@ -305,7 +332,9 @@ mod tests {
         let cli = parse(&["run"]).unwrap();
         let Command::Run(run) = cli.command else { panic!("expected run") };
         let run = *run;
-        assert_eq!(run.pollers.get(), 4);
+        assert_eq!(run.pollers, 4);
+        assert_eq!(run.max_inflight_bytes, 64 << 20);
+        assert!(run.validate().is_ok());
         assert_eq!(run.sqs.queue_name(), "login-queue");
         assert_eq!(run.batch_max_wait(), Duration::from_millis(500));
     }
@@ -315,9 +344,32 @@ mod tests {
         let err = parse(&["run", "--pollers", "lots"]).unwrap_err().to_string();
         assert!(err.contains("POLLERS"), "{err}");
         let err = parse(&["run", "--receive-wait-secs", "21"]).unwrap_err().to_string();
-        assert!(err.contains("RECEIVE_WAIT_SECS") && err.contains("0..=20"), "{err}");
+        assert!(err.contains("RECEIVE_WAIT_SECS") && err.contains("1..=20"), "{err}");
         let err = parse(&["run", "--batch-max-rows", "0"]).unwrap_err().to_string();
         assert!(err.contains("BATCH_MAX_ROWS"), "{err}");
+    }
+
+    #[test]
+    fn sizes_have_upper_bounds_and_zero_wait_is_refused() {
+        for (flag, variable, value) in [
+            ("--batch-max-rows", "BATCH_MAX_ROWS", "10001"),
+            ("--pollers", "POLLERS", "257"),
+            ("--sink-connections", "SINK_CONNECTIONS", "65"),
+            ("--mask-concurrency", "MASK_CONCURRENCY", "65"),
+            ("--max-inflight-bytes", "MAX_INFLIGHT_BYTES", "1000"),
+            ("--receive-wait-secs", "RECEIVE_WAIT_SECS", "0"),
+        ] {
+            let err = parse(&["run", flag, value]).unwrap_err().to_string();
+            assert!(err.contains(variable), "{flag} {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_visibility_timeout_within_the_batch_window_is_refused() {
+        let cli = parse(&["run", "--visibility-timeout-secs", "2", "--batch-max-wait-ms", "2000"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("expected run") };
+        let err = run.validate().unwrap_err().to_string();
+        assert!(err.contains("VISIBILITY_TIMEOUT_SECS") && err.contains("BATCH_MAX_WAIT_MS"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::time::Duration;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
-use crate::config::DedupKey;
 use crate::metrics;
 
 /// A 128-bit digest of the dedup key: small in memory, collisions out of reach.
@@ -20,21 +19,18 @@ pub type Fingerprint = u128;
 #[derive(Clone)]
 pub struct Dedup {
     cache: Cache<Fingerprint, ()>,
-    key: DedupKey,
 }
 
 impl Dedup {
-    pub fn new(key: DedupKey, capacity: usize, ttl: Duration) -> Dedup {
-        Dedup { cache: Cache::builder().max_capacity(capacity as u64).time_to_live(ttl).build(), key }
+    /// A cache of at most `capacity` message ids, each remembered for `ttl`.
+    pub fn new(capacity: usize, ttl: Duration) -> Dedup {
+        Dedup { cache: Cache::builder().max_capacity(capacity as u64).time_to_live(ttl).build() }
     }
 
-    /// The fingerprint of a message under the configured key.
-    pub fn fingerprint(&self, message_id: &str, body: &str) -> Fingerprint {
-        let input = match self.key {
-            DedupKey::MessageId => message_id,
-            DedupKey::BodyDigest => body,
-        };
-        let digest = Sha256::digest(input.as_bytes());
+    /// The fingerprint of a message id. Messages are keyed by id only: bodies carry no
+    /// timestamp, so two real logins can be byte-identical and must both become rows.
+    pub fn fingerprint(&self, message_id: &str) -> Fingerprint {
+        let digest = Sha256::digest(message_id.as_bytes());
         let mut first = [0u8; 16];
         first.copy_from_slice(&digest[..16]);
         u128::from_le_bytes(first)
@@ -66,28 +62,26 @@ mod tests {
 
     #[tokio::test]
     async fn remembers_only_what_committed() {
-        let dedup = Dedup::new(DedupKey::MessageId, 100, Duration::from_secs(60));
-        let a = dedup.fingerprint("m-1", "{}");
+        let dedup = Dedup::new(100, Duration::from_secs(60));
+        let a = dedup.fingerprint("m-1");
         assert!(!dedup.is_committed(a));
         dedup.mark_committed([a]).await;
         assert!(dedup.is_committed(a));
-        assert!(!dedup.is_committed(dedup.fingerprint("m-2", "{}")));
+        assert!(!dedup.is_committed(dedup.fingerprint("m-2")));
         assert_eq!(dedup.entries().await, 1);
     }
 
     #[test]
-    fn key_choice_decides_what_is_a_duplicate() {
-        let by_id = Dedup::new(DedupKey::MessageId, 100, Duration::from_secs(60));
-        assert_ne!(by_id.fingerprint("m-1", "same"), by_id.fingerprint("m-2", "same"));
-        let by_body = Dedup::new(DedupKey::BodyDigest, 100, Duration::from_secs(60));
-        assert_eq!(by_body.fingerprint("m-1", "same"), by_body.fingerprint("m-2", "same"));
-        assert_ne!(by_body.fingerprint("m-1", "a"), by_body.fingerprint("m-1", "b"));
+    fn only_the_message_id_makes_a_duplicate() {
+        let dedup = Dedup::new(100, Duration::from_secs(60));
+        assert_ne!(dedup.fingerprint("m-1"), dedup.fingerprint("m-2"));
+        assert_eq!(dedup.fingerprint("m-1"), dedup.fingerprint("m-1"));
     }
 
     #[tokio::test]
     async fn entries_expire_after_the_ttl() {
-        let dedup = Dedup::new(DedupKey::MessageId, 100, Duration::from_millis(50));
-        let a = dedup.fingerprint("m-1", "");
+        let dedup = Dedup::new(100, Duration::from_millis(50));
+        let a = dedup.fingerprint("m-1");
         dedup.mark_committed([a]).await;
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(!dedup.is_committed(a));
@@ -95,8 +89,8 @@ mod tests {
 
     #[tokio::test]
     async fn capacity_bounds_the_cache() {
-        let dedup = Dedup::new(DedupKey::MessageId, 50, Duration::from_secs(60));
-        dedup.mark_committed((0..1000).map(|i| dedup.fingerprint(&i.to_string(), ""))).await;
+        let dedup = Dedup::new(50, Duration::from_secs(60));
+        dedup.mark_committed((0..1000).map(|i| dedup.fingerprint(&i.to_string()))).await;
         let len = dedup.entries().await;
         assert!(len <= 50, "{len}");
     }

@@ -65,14 +65,9 @@ async fn render_metrics(State(state): State<AppState>) -> String {
 }
 
 async fn readiness(State(state): State<AppState>) -> (StatusCode, String) {
-    let database = async {
-        let client = state.probes.sink.client().await.ok()?;
-        client.simple_query("SELECT 1").await.ok()
-    };
-    let queue = sqs::queue_depth(&state.probes.sqs, &state.probes.queue_url);
-    let (database, queue) =
-        tokio::join!(tokio::time::timeout(PROBE_TIMEOUT, database), tokio::time::timeout(PROBE_TIMEOUT, queue));
-    let database_ok = matches!(database, Ok(Some(_)));
+    let database = state.probes.sink.ping(PROBE_TIMEOUT);
+    let queue = tokio::time::timeout(PROBE_TIMEOUT, sqs::queue_depth(&state.probes.sqs, &state.probes.queue_url));
+    let (database_ok, queue) = tokio::join!(database, queue);
     let queue_ok = matches!(queue, Ok(Ok(_)));
     let word = |ok: bool| if ok { "reachable" } else { "unreachable" };
     let body = format!("database: {}\nqueue: {}\n", word(database_ok), word(queue_ok));

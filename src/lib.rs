@@ -30,6 +30,22 @@ pub mod sqs;
 
 pub use pipeline::{run, RunError, RunSummary};
 
+/// An error and each of its causes, `outer: cause: root`, for logs. Errors of loginflow and
+/// its clients never carry message bodies, so this prints no raw value.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -34,10 +34,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Run(args) => {
-            let summary = loginflow::run(*args, loginflow::shutdown_signal()).await?;
-            println!("{}", serde_json::to_string_pretty(&summary_json(&summary))?);
-        }
+        Command::Run(args) => match loginflow::run(*args, loginflow::shutdown_signal()).await {
+            Ok(summary) => println!("{}", serde_json::to_string_pretty(&summary_json(&summary))?),
+            Err(err) => {
+                if let loginflow::RunError::DrainTimeout { summary, .. } = &err {
+                    println!("{}", serde_json::to_string_pretty(&summary_json(summary))?);
+                }
+                return Err(err.into());
+            }
+        },
         Command::Migrate(args) => {
             Sink::new(args.database_url, 1).migrate().await.context("migration failed")?;
             println!("schema is up to date");
@@ -74,6 +79,7 @@ fn summary_json(summary: &loginflow::RunSummary) -> serde_json::Value {
         "duplicates": summary.duplicates,
         "deleted": summary.deleted,
         "delete_failures": summary.delete_failures,
+        "released": summary.released,
         "abandoned": summary.abandoned,
     })
 }

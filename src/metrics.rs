@@ -16,6 +16,7 @@ pub const RECORDS_WRITTEN: &str = "loginflow_records_written_total";
 pub const DUPLICATES_DROPPED: &str = "loginflow_duplicates_dropped_total";
 pub const QUARANTINED: &str = "loginflow_quarantined_total";
 pub const SQS_DELETES: &str = "loginflow_sqs_deletes_total";
+pub const MESSAGES_RELEASED: &str = "loginflow_messages_released_total";
 pub const VISIBILITY_EXTENSIONS: &str = "loginflow_visibility_extensions_total";
 pub const ERRORS: &str = "loginflow_errors_total";
 pub const RETRIES: &str = "loginflow_retries_total";
@@ -35,6 +36,8 @@ pub const DUPLICATE_STAGES: [&str; 2] = ["cache", "database"];
 pub const OUTCOMES: [&str; 2] = ["success", "failure"];
 /// Queue message states, the `state` label of [`QUEUE_MESSAGES`].
 pub const QUEUE_STATES: [&str; 3] = ["visible", "in_flight", "delayed"];
+/// Why messages were released undeleted, the `reason` label of [`MESSAGES_RELEASED`].
+pub const RELEASE_REASONS: [&str; 2] = ["unstorable", "shutdown"];
 /// Error kinds, the `kind` label of [`ERRORS`].
 pub const ERROR_KINDS: [&str; 3] = ["transient", "rejected_record", "gave_up"];
 
@@ -79,6 +82,11 @@ pub fn describe_all() {
     );
     describe_counter!(QUARANTINED, Unit::Count, "Messages committed to user_logins_quarantine, by reason.");
     describe_counter!(SQS_DELETES, Unit::Count, "SQS messages deleted after commit, by outcome.");
+    describe_counter!(
+        MESSAGES_RELEASED,
+        Unit::Count,
+        "Messages released undeleted for redelivery: unstorable (not even quarantine accepts them; the redrive policy moves them to the DLQ) or shutdown (still being written when the grace period ended)."
+    );
     describe_counter!(VISIBILITY_EXTENSIONS, Unit::Count, "Visibility timeout extensions, by outcome.");
     describe_counter!(ERRORS, Unit::Count, "Errors, by stage and kind (transient, rejected_record, gave_up).");
     describe_counter!(RETRIES, Unit::Count, "Retried calls, by stage.");
@@ -108,6 +116,9 @@ pub fn register_all() {
     for outcome in OUTCOMES {
         counter!(SQS_DELETES, "outcome" => outcome).absolute(0);
         counter!(VISIBILITY_EXTENSIONS, "outcome" => outcome).absolute(0);
+    }
+    for reason in RELEASE_REASONS {
+        counter!(MESSAGES_RELEASED, "reason" => reason).absolute(0);
     }
     for stage in STAGES {
         counter!(RETRIES, "stage" => stage).absolute(0);

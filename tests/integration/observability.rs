@@ -75,13 +75,46 @@ async fn health_is_up_while_readiness_reports_an_unreachable_database() {
     let (status, body) = http_get(port, "/readyz").await.unwrap();
     assert_eq!(status, 503);
     assert_eq!(body, "database: unreachable\nqueue: reachable\n");
-    let (status, body) = http_get(port, "/metrics").await.unwrap();
-    assert_eq!(status, 200);
-    assert!(body.contains("loginflow_retries_total{stage=\"sink\"}"), "{body}");
+    // The series exists from startup at 0; the failed migrations must have counted retries.
+    let retries = async || {
+        let (_, body) = http_get(port, "/metrics").await?;
+        let line = body.lines().find(|l| l.starts_with("loginflow_retries_total{stage=\"sink\"}"))?.to_owned();
+        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        (value >= 1.0).then_some(value)
+    };
+    wait_for("sink retries counted", retries).await;
 
+    // SIGTERM before the schema exists is a clean stop, not an error.
+    let stopped = std::time::Instant::now();
     stop.send(()).unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(30), run).await.unwrap().unwrap();
-    assert!(matches!(result, Err(loginflow::RunError::ShutdownBeforeStart)), "{result:?}");
+    let summary = tokio::time::timeout(Duration::from_secs(30), run).await.unwrap().unwrap().unwrap();
+    assert_eq!(summary, loginflow::RunSummary::default());
+    assert!(stopped.elapsed() < Duration::from_secs(5), "took {:?}", stopped.elapsed());
+}
+
+#[tokio::test]
+async fn readiness_stays_ok_while_every_sink_connection_is_busy() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    env.publish_with_ids(&synthetic_bodies(20, 7)).await;
+    // The only sink connection waits on a locked table; the database itself is fine.
+    let mut locker = env.db().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (stop, run) = start_run(&env, &["--metrics-addr", &addr, "--sink-connections", "1"]);
+    let busy = async || {
+        let (_, body) = http_get(port, "/metrics").await?;
+        body.lines().any(|l| l.starts_with("loginflow_inflight_messages ") && !l.ends_with(" 0")).then_some(())
+    };
+    wait_for("messages held by a blocked write", busy).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = http_get(port, "/readyz").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "database: reachable\nqueue: reachable\n"));
+    lock.rollback().await.unwrap();
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), run).await.unwrap().unwrap().unwrap();
 }
 
 #[tokio::test]

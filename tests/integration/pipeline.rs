@@ -123,7 +123,7 @@ async fn redelivered_messages_whose_rows_committed_are_not_written_twice() {
         .take(100)
         .collect();
     assert_eq!(committed.len(), 100);
-    sink.write(&committed, &[]).await.unwrap();
+    sink.write(&committed, &[], &Default::default()).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
 
     let summary = env.drain(&[]).await;
@@ -137,7 +137,7 @@ async fn redelivered_messages_whose_rows_committed_are_not_written_twice() {
     env.assert_queue_empty().await;
 
     // Writing a committed batch again is a no-op as well.
-    let again = sink.write(&committed, &[]).await.unwrap();
+    let again = sink.write(&committed, &[], &Default::default()).await.unwrap();
     assert_eq!((again.written, again.already_stored), (0, 100));
 }
 

@@ -1,5 +1,7 @@
-//! Source: concurrent long-polling receivers, the registry of messages held, and
-//! the visibility extender that keeps held messages from being redelivered.
+//! Source: concurrent long-polling receivers, the registry of messages held, the
+//! visibility extender that keeps held messages from being redelivered, and the byte budget.
+
+pub mod budget;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,11 +10,19 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::types::{ChangeMessageVisibilityBatchRequestEntry, Message, MessageSystemAttributeName};
 use aws_sdk_sqs::Client;
 use chrono::{DateTime, Utc};
+use futures::{stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 use crate::retry::Backoff;
+pub use budget::{Budget, Share};
+
+/// Visibility-extension calls in flight at once: thousands of held messages are
+/// hundreds of calls, which must all finish well within one visibility timeout.
+const EXTENSION_CONCURRENCY: usize = 16;
+/// Longest pause between two rounds of visibility extension.
+const EXTENSION_TICK_MAX: Duration = Duration::from_secs(5);
 
 /// Most messages one ReceiveMessage / batch call handles (an SQS limit).
 pub const SQS_BATCH_LIMIT: usize = 10;
@@ -37,6 +47,8 @@ pub struct Envelope {
     pub body: String,
     /// The `SentTimestamp` attribute, the event time (the body carries none).
     pub sent_at: DateTime<Utc>,
+    /// The body's share of the byte budget, returned when the message leaves the pipeline.
+    pub share: Option<Share>,
 }
 
 impl std::fmt::Debug for Envelope {
@@ -62,7 +74,8 @@ impl Envelope {
             .and_then(DateTime::from_timestamp_millis)
             .unwrap_or(now);
         let message_id = message.message_id.unwrap_or_else(|| format!("receipt:{receipt_handle}"));
-        Some(Envelope { ack: Ack { message_id, receipt_handle }, body: message.body.unwrap_or_default(), sent_at })
+        let body = message.body.unwrap_or_default();
+        Some(Envelope { ack: Ack { message_id, receipt_handle }, body, sent_at, share: None })
     }
 }
 
@@ -100,17 +113,22 @@ impl InFlight {
         self.len() == 0
     }
 
-    /// Receipts whose visibility was last set more than `older_than` ago; their clock restarts now.
-    fn take_due(&self, older_than: Duration) -> Vec<String> {
+    /// Receipts whose visibility was last set more than `older_than` ago.
+    fn due(&self, older_than: Duration) -> Vec<String> {
         let now = Instant::now();
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter().filter(|(_, since)| now.duration_since(**since) >= older_than).map(|(r, _)| r.clone()).collect()
+    }
+
+    /// Restarts the visibility clock of messages whose extension succeeded at `at`
+    /// (only those still held: a message deleted meanwhile stays forgotten).
+    fn extended<'a>(&self, receipts: impl IntoIterator<Item = &'a str>, at: Instant) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.iter_mut()
-            .filter(|(_, since)| now.duration_since(**since) >= older_than)
-            .map(|(receipt, since)| {
-                *since = now;
-                receipt.clone()
-            })
-            .collect()
+        for receipt in receipts {
+            if let Some(since) = held.get_mut(receipt) {
+                *since = at;
+            }
+        }
     }
 }
 
@@ -124,17 +142,23 @@ pub struct ReceiveSettings {
 }
 
 /// One long-polling receiver: receives up to 10 messages at a time and hands each
-/// batch to `out`. Waiting on a full `out` is the back-pressure that keeps memory bounded.
-/// Returns when `stop` is cancelled or `out` is closed.
+/// batch to `out`. Waiting on the byte budget or on a full `out` is the back-pressure that
+/// keeps memory bounded. Returns when `stop` is cancelled (whatever it is waiting on) or
+/// `out` is closed; a batch it could not hand over is left for redelivery.
 pub async fn receive_loop(
     client: Client,
     settings: ReceiveSettings,
     in_flight: Arc<InFlight>,
+    budget: Budget,
     out: mpsc::Sender<Vec<Envelope>>,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new(settings.max_backoff);
     loop {
+        let reservation = tokio::select! {
+            _ = stop.cancelled() => return,
+            reservation = budget.reserve_batch() => reservation,
+        };
         let request = client
             .receive_message()
             .queue_url(&settings.queue_url)
@@ -168,17 +192,31 @@ pub async fn receive_loop(
             continue;
         }
         let now = Utc::now();
-        let batch: Vec<Envelope> = messages.into_iter().filter_map(|m| Envelope::from_message(m, now)).collect();
+        let mut batch: Vec<Envelope> = messages.into_iter().filter_map(|m| Envelope::from_message(m, now)).collect();
         metrics::counter!(metrics::MESSAGES_RECEIVED).increment(batch.len() as u64);
         in_flight.hold(batch.iter().map(|e| e.ack.receipt_handle.as_str()));
-        if out.send(batch).await.is_err() {
+        let sizes: Vec<usize> = batch.iter().map(|e| e.body.len()).collect();
+        let shares = budget.shares_for(reservation, sizes).await;
+        for (envelope, share) in batch.iter_mut().zip(shares) {
+            envelope.share = Some(share);
+        }
+        let receipts: Vec<String> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
+        let sent = tokio::select! {
+            _ = stop.cancelled() => false,
+            sent = out.send(batch) => sent.is_ok(),
+        };
+        if !sent {
+            // Never processed: the queue redelivers these once their visibility timeout ends.
+            in_flight.release(receipts.iter().map(String::as_str));
             return;
         }
     }
 }
 
-/// Keeps held messages invisible: every quarter of the visibility timeout, messages
-/// held for more than half of it get a fresh full timeout (ChangeMessageVisibilityBatch).
+/// Keeps held messages invisible: messages held for more than half the visibility timeout
+/// get a fresh full timeout (ChangeMessageVisibilityBatch, [`EXTENSION_CONCURRENCY`] calls at
+/// a time). A message's clock restarts only when its extension succeeds, so a failed one is
+/// retried on the next round, within the same timeout.
 pub async fn extend_visibility(
     client: Client,
     queue_url: String,
@@ -186,46 +224,76 @@ pub async fn extend_visibility(
     visibility_timeout: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval((visibility_timeout / 4).max(Duration::from_millis(100)));
+    let period = (visibility_timeout / 8).clamp(Duration::from_millis(100), EXTENSION_TICK_MAX);
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let due = in_flight.take_due(visibility_timeout / 2);
-        for chunk in due.chunks(SQS_BATCH_LIMIT) {
-            let entries = chunk.iter().enumerate().filter_map(|(i, receipt)| {
-                ChangeMessageVisibilityBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(receipt)
-                    .visibility_timeout(visibility_timeout.as_secs() as i32)
-                    .build()
-                    .ok()
-            });
-            let result = client
-                .change_message_visibility_batch()
-                .queue_url(&queue_url)
-                .set_entries(Some(entries.collect()))
-                .send()
-                .await;
-            match result {
-                Ok(out) => {
-                    // A failure here is usually a message deleted meanwhile; the next tick retries the rest.
-                    let failed = out.failed.len() as u64;
-                    metrics::counter!(metrics::VISIBILITY_EXTENSIONS, "outcome" => "success")
-                        .increment(chunk.len() as u64 - failed.min(chunk.len() as u64));
-                    metrics::counter!(metrics::VISIBILITY_EXTENSIONS, "outcome" => "failure").increment(failed);
-                }
-                Err(err) => {
-                    metrics::error("visibility", "transient");
-                    metrics::counter!(metrics::VISIBILITY_EXTENSIONS, "outcome" => "failure")
-                        .increment(chunk.len() as u64);
-                    tracing::warn!(error = %aws_sdk_sqs::Error::from(err), "visibility extension failed");
-                }
-            }
+        let due = in_flight.due(visibility_timeout / 2);
+        let seconds = visibility_timeout.as_secs() as i32;
+        // Built up front: a lazily mapped stream would hold a closure over borrowed chunks,
+        // which keeps the future from being `Send`.
+        let calls: Vec<_> =
+            due.chunks(SQS_BATCH_LIMIT).map(|chunk| change_visibility(&client, &queue_url, chunk, seconds)).collect();
+        let mut round = stream::iter(calls).buffer_unordered(EXTENSION_CONCURRENCY);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = round.next() => next,
+            };
+            let Some((started, extended)) = next else { break };
+            in_flight.extended(extended.iter().map(String::as_str), started);
         }
     }
+}
+
+/// Makes messages visible again at once, so the queue redelivers them (and, past the redrive
+/// policy's receive count, moves them to the dead-letter queue). Best effort: a message whose
+/// call fails comes back when its visibility timeout ends anyway.
+pub async fn release_for_redelivery(client: &Client, queue_url: &str, receipts: &[String]) {
+    let calls: Vec<_> =
+        receipts.chunks(SQS_BATCH_LIMIT).map(|chunk| change_visibility(client, queue_url, chunk, 0)).collect();
+    let mut calls = stream::iter(calls).buffer_unordered(EXTENSION_CONCURRENCY);
+    while calls.next().await.is_some() {}
+}
+
+/// One ChangeMessageVisibilityBatch call; returns when it started and the receipts it changed.
+async fn change_visibility(client: &Client, queue_url: &str, chunk: &[String], seconds: i32) -> (Instant, Vec<String>) {
+    let started = Instant::now();
+    let entries = chunk.iter().enumerate().filter_map(|(i, receipt)| {
+        ChangeMessageVisibilityBatchRequestEntry::builder()
+            .id(i.to_string())
+            .receipt_handle(receipt)
+            .visibility_timeout(seconds)
+            .build()
+            .ok()
+    });
+    let result =
+        client.change_message_visibility_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await;
+    let changed: Vec<String> = match result {
+        Ok(out) => {
+            // A failed entry is usually a message deleted meanwhile; a held one is retried next round.
+            let failed: Vec<&str> = out.failed.iter().map(|f| f.id.as_str()).collect();
+            chunk
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !failed.contains(&i.to_string().as_str()))
+                .map(|(_, r)| r.clone())
+                .collect()
+        }
+        Err(err) => {
+            metrics::error("visibility", "transient");
+            tracing::warn!(error = %aws_sdk_sqs::Error::from(err), messages = chunk.len(), "visibility change failed; retrying next round");
+            Vec::new()
+        }
+    };
+    metrics::counter!(metrics::VISIBILITY_EXTENSIONS, "outcome" => "success").increment(changed.len() as u64);
+    metrics::counter!(metrics::VISIBILITY_EXTENSIONS, "outcome" => "failure")
+        .increment((chunk.len() - changed.len()) as u64);
+    (started, changed)
 }
 
 #[cfg(test)]
@@ -265,10 +333,14 @@ mod tests {
             Some(&metrics_util::debugging::DebugValue::Gauge(2.0.into()))
         );
         assert_eq!(in_flight.len(), 2);
-        assert_eq!(in_flight.take_due(Duration::from_secs(60)), Vec::<String>::new());
-        let mut due = in_flight.take_due(Duration::ZERO);
+        assert_eq!(in_flight.due(Duration::from_secs(60)), Vec::<String>::new());
+        let mut due = in_flight.due(Duration::ZERO);
         due.sort();
         assert_eq!(due, ["a", "b"]);
+        // Only a successful extension restarts the clock: "b" failed and stays due.
+        std::thread::sleep(Duration::from_millis(30));
+        in_flight.extended(["a"], Instant::now());
+        assert_eq!(in_flight.due(Duration::from_millis(20)), ["b"]);
         in_flight.release(["a", "b"]);
         assert!(in_flight.is_empty());
     }

@@ -5,12 +5,16 @@
 //!                     └─ invalid ─► quarantine (same transaction as its batch) ─────────────► SQS delete
 //! ```
 //!
-//! Every hand-off is bounded: a slow sink fills the window, which stalls the mask
-//! stage, which fills the poller channel, which stops the pollers receiving.
+//! Every hand-off is bounded, in messages and (by the byte budget) in bytes: a slow sink fills
+//! the window, which stalls the mask stage, which fills the poller channel, which stops the
+//! pollers receiving. Shutdown stops the pollers; the rest drains, and whatever is still being
+//! written when the grace period ends is cancelled (rolled back) and left for redelivery.
 
-use std::collections::HashMap;
+mod drain;
+mod summary;
+
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,80 +30,26 @@ use crate::decode::{decode, Reason};
 use crate::dedup::{Dedup, Fingerprint};
 use crate::mask::{MaskedLogin, Masker, MessageMeta, QuarantineRecord};
 use crate::retry::Backoff;
-use crate::sink::Sink;
-use crate::source::{Ack, Envelope, InFlight, ReceiveSettings};
+use crate::sink::{Committed, Sink, SinkError};
+use crate::source::{Ack, Budget, Envelope, InFlight, ReceiveSettings, Share};
 use crate::{ack, http, metrics, source, sqs};
+pub use summary::RunSummary;
+use summary::Stats;
 
-/// How often the queue's depth is read (for the gauge), and how often `--drain` checks it.
-const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
-/// How many empty checks in a row `--drain` needs before it stops.
-const DRAIN_CONFIRMATIONS: u32 = 2;
+/// After the grace period, how long cancelled work may take to unwind before `run` returns anyway.
+const ABORT_WAIT: Duration = Duration::from_secs(3);
+/// How long `run` waits for its background tasks (pollers, probes, extender) at the end.
+const TASKS_WAIT: Duration = Duration::from_secs(2);
 
-/// Errors that stop `run` before the pipeline starts.
+/// Errors that stop `run`.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot serve metrics on METRICS_ADDR {addr}: {source}")]
     MetricsAddr { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("shut down while waiting for the database to create the schema")]
-    ShutdownBeforeStart,
-}
-
-/// What one `run` did, for the summary printed at exit.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RunSummary {
-    pub received: u64,
-    pub written: u64,
-    /// Duplicates dropped: cache hits plus redeliveries the unique index caught.
-    pub duplicates: u64,
-    pub quarantined: u64,
-    pub quarantined_by_reason: Vec<(String, u64)>,
-    pub deleted: u64,
-    /// Deletes that failed for good; those messages come back and are dropped as duplicates.
-    pub delete_failures: u64,
-    /// Messages left for redelivery because shutdown's grace period ran out.
-    pub abandoned: u64,
-}
-
-#[derive(Default)]
-struct Stats {
-    received: AtomicU64,
-    written: AtomicU64,
-    duplicates: AtomicU64,
-    quarantined: AtomicU64,
-    deleted: AtomicU64,
-    delete_failures: AtomicU64,
-    abandoned: AtomicU64,
-    by_reason: std::sync::Mutex<HashMap<Reason, u64>>,
-}
-
-impl Stats {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn summary(&self) -> RunSummary {
-        let mut by_reason: Vec<(String, u64)> = self
-            .by_reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(reason, n)| (reason.as_str().to_owned(), *n))
-            .collect();
-        by_reason.sort();
-        RunSummary {
-            received: self.received.load(Ordering::Relaxed),
-            written: self.written.load(Ordering::Relaxed),
-            duplicates: self.duplicates.load(Ordering::Relaxed),
-            quarantined: self.quarantined.load(Ordering::Relaxed),
-            quarantined_by_reason: by_reason,
-            deleted: self.deleted.load(Ordering::Relaxed),
-            delete_failures: self.delete_failures.load(Ordering::Relaxed),
-            abandoned: self.abandoned.load(Ordering::Relaxed),
-        }
-    }
+    #[error("--drain did not finish within DRAIN_TIMEOUT_SECS ({timeout_secs} s): {held} messages were still held, and the queue reported {queue}")]
+    DrainTimeout { timeout_secs: u64, held: usize, queue: String, summary: Box<RunSummary> },
 }
 
 /// What became of one message.
@@ -117,6 +67,8 @@ pub struct Item {
     pub ack: Ack,
     pub fingerprint: Fingerprint,
     pub record: Record,
+    /// The body's share of the byte budget, held until the message leaves the pipeline.
+    pub share: Option<Share>,
 }
 
 /// The CPU stages, without I/O: decode + validate, dedup, mask.
@@ -132,7 +84,7 @@ impl Transform {
     }
 
     fn process_one(&self, envelope: Envelope) -> Item {
-        let fingerprint = self.dedup.fingerprint(&envelope.ack.message_id, &envelope.body);
+        let fingerprint = self.dedup.fingerprint(&envelope.ack.message_id);
         let record = if self.dedup.is_committed(fingerprint) {
             Record::Duplicate
         } else {
@@ -142,7 +94,7 @@ impl Transform {
                 Err(rejection) => Record::Quarantine(self.masker.quarantine(rejection, &envelope.body, meta)),
             }
         };
-        Item { ack: envelope.ack, fingerprint, record }
+        Item { ack: envelope.ack, fingerprint, record, share: envelope.share }
     }
 }
 
@@ -152,21 +104,25 @@ struct Window {
     acks: Vec<Ack>,
     logins: Vec<MaskedLogin>,
     quarantine: Vec<QuarantineRecord>,
-    /// Of the messages that are not cache duplicates, to remember once committed.
-    fingerprints: Vec<Fingerprint>,
+    /// Fingerprints of the messages that are not cache duplicates, with their index in `acks`.
+    fingerprints: Vec<(usize, Fingerprint)>,
+    /// The bodies' shares of the byte budget, returned when the window is done.
+    _shares: Vec<Share>,
 }
 
 impl Window {
     fn split(items: Vec<Item>) -> Window {
         let mut window = Window { acks: Vec::with_capacity(items.len()), ..Window::default() };
         for item in items {
+            let index = window.acks.len();
             window.acks.push(item.ack);
+            window._shares.extend(item.share);
             match item.record {
                 Record::Login(login) => window.logins.push(login),
                 Record::Quarantine(record) => window.quarantine.push(record),
                 Record::Duplicate => continue,
             }
-            window.fingerprints.push(item.fingerprint);
+            window.fingerprints.push((index, item.fingerprint));
         }
         window
     }
@@ -185,7 +141,8 @@ struct Stages {
     in_flight: Arc<InFlight>,
     stats: Stats,
     max_backoff: Duration,
-    /// Cancelled when shutdown's grace period is over: stop retrying, leave the rest for redelivery.
+    /// Cancelled when shutdown's grace period is over: writes in progress are cancelled
+    /// (rolled back), retries stop, and what is left is abandoned for redelivery.
     abort: CancellationToken,
 }
 
@@ -200,16 +157,54 @@ impl Stages {
         items
     }
 
-    /// Writes one window in one transaction (retrying until it commits or shutdown gives up),
-    /// then deletes its messages and remembers them as committed.
+    /// Writes one window (retrying while the database is unavailable, until it commits or
+    /// shutdown gives up), then deletes the messages it stored, releases those it could not
+    /// store for the dead-letter queue, and remembers the stored ones as committed.
     async fn flush(&self, items: Vec<Item>) {
         let started = Instant::now();
         let window = Window::split(items);
-        let Some(committed) = self.write_with_retry(&window.logins, &window.quarantine).await else {
-            Stats::add(&self.stats.abandoned, window.acks.len() as u64);
+        let Some(committed) = self.write_with_retry(&window).await else {
+            let abandoned = window.acks.len() as u64;
+            Stats::add(&self.stats.abandoned, abandoned);
+            metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "shutdown").increment(abandoned);
             self.in_flight.release(window.receipts());
             return;
         };
+        self.record_commit(&window, &committed, started);
+
+        let unstorable: HashSet<&str> = committed.unstorable.iter().map(String::as_str).collect();
+        let is_stored = |ack: &Ack| !unstorable.contains(ack.message_id.as_str());
+        let released: Vec<String> =
+            window.acks.iter().filter(|a| !is_stored(a)).map(|a| a.receipt_handle.clone()).collect();
+        if !released.is_empty() {
+            metrics::error("sink", "gave_up");
+            metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "unstorable").increment(released.len() as u64);
+            Stats::add(&self.stats.released, released.len() as u64);
+            self.in_flight.release(released.iter().map(String::as_str));
+            tokio::select! {
+                () = source::release_for_redelivery(&self.sqs, &self.queue_url, &released) => {}
+                () = self.abort.cancelled() => {}
+            }
+        }
+        let stored: Vec<Ack> = if released.is_empty() {
+            window.acks.clone()
+        } else {
+            window.acks.iter().filter(|a| is_stored(a)).cloned().collect()
+        };
+        let deleted = tokio::select! {
+            deleted = ack::delete_all(&self.sqs, &self.queue_url, &stored, self.max_backoff) => deleted,
+            () = self.abort.cancelled() => ack::Deleted { succeeded: 0, gave_up: stored.len() as u64 },
+        };
+        let remembered: Vec<Fingerprint> =
+            window.fingerprints.iter().filter(|(i, _)| is_stored(&window.acks[*i])).map(|(_, f)| *f).collect();
+        self.transform.dedup.mark_committed(remembered).await;
+        self.in_flight.release(stored.iter().map(Ack::receipt));
+        Stats::add(&self.stats.deleted, deleted.succeeded);
+        Stats::add(&self.stats.delete_failures, deleted.gave_up);
+    }
+
+    /// Metrics and counters of a committed window.
+    fn record_commit(&self, window: &Window, committed: &Committed, started: Instant) {
         let now = Utc::now();
         metrics::histogram!(metrics::BATCH_SIZE).record(window.acks.len() as f64);
         metrics::histogram!(metrics::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
@@ -219,47 +214,38 @@ impl Stages {
         }
         metrics::counter!(metrics::RECORDS_WRITTEN).increment(committed.written);
         metrics::counter!(metrics::DUPLICATES_DROPPED, "stage" => "database").increment(committed.already_stored);
+        let unstorable: HashSet<&str> = committed.unstorable.iter().map(String::as_str).collect();
         let mut by_reason: HashMap<Reason, u64> = HashMap::new();
-        for record in window.quarantine.iter().chain(&committed.rejected) {
+        let quarantined = window.quarantine.iter().filter(|r| !unstorable.contains(r.message_id.as_str()));
+        for record in quarantined.chain(&committed.rejected) {
             *by_reason.entry(record.reason).or_default() += 1;
         }
         for (reason, n) in &by_reason {
             metrics::counter!(metrics::QUARANTINED, "reason" => reason.as_str()).increment(*n);
         }
         if !committed.rejected.is_empty() {
-            metrics::error("sink", "rejected_record");
+            metrics::counter!(metrics::ERRORS, "stage" => "sink", "kind" => "rejected_record")
+                .increment(committed.rejected.len() as u64);
         }
-
-        let deleted = ack::delete_all(&self.sqs, &self.queue_url, &window.acks, self.max_backoff).await;
-        self.transform.dedup.mark_committed(window.fingerprints.iter().copied()).await;
-        self.in_flight.release(window.receipts());
-
-        let stats = &self.stats;
-        Stats::add(&stats.written, committed.written);
-        Stats::add(&stats.duplicates, committed.already_stored);
-        Stats::add(&stats.quarantined, (window.quarantine.len() + committed.rejected.len()) as u64);
-        Stats::add(&stats.deleted, deleted.succeeded);
-        Stats::add(&stats.delete_failures, deleted.gave_up);
-        let mut totals = stats.by_reason.lock().unwrap_or_else(|e| e.into_inner());
-        for (reason, n) in by_reason {
-            *totals.entry(reason).or_default() += n;
-        }
+        Stats::add(&self.stats.written, committed.written);
+        Stats::add(&self.stats.duplicates, committed.already_stored);
+        Stats::add(&self.stats.quarantined, by_reason.values().sum());
+        self.stats.add_reasons(by_reason);
     }
 
-    async fn write_with_retry(
-        &self,
-        logins: &[MaskedLogin],
-        quarantine: &[QuarantineRecord],
-    ) -> Option<crate::sink::Committed> {
+    /// The window's write, retried with backoff while the database is unavailable or busy;
+    /// `None` once shutdown's grace period is over (the write in progress is rolled back).
+    async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
-            match self.sink.write(logins, quarantine).await {
+            match self.sink.write(&window.logins, &window.quarantine, &self.abort).await {
                 Ok(committed) => return Some(committed),
+                Err(SinkError::Cancelled) => return None,
                 Err(err) => {
                     metrics::error("sink", "transient");
                     metrics::retry("sink");
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %err, ?delay, rows = logins.len() + quarantine.len(),
+                    tracing::warn!(error = %crate::error_chain(&err), ?delay, messages = window.acks.len(),
                                    "batch not committed; retrying");
                     tokio::select! {
                         _ = self.abort.cancelled() => return None,
@@ -272,13 +258,16 @@ impl Stages {
 }
 
 /// Runs the pipeline until `shutdown` resolves, or, with `--drain`, until the queue is empty
-/// and everything received is committed and deleted.
+/// and everything received is committed and deleted (at most `DRAIN_TIMEOUT_SECS`).
+/// Returns within the grace period plus a few seconds of `shutdown`, whatever state the
+/// database or the queue is in.
 pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<RunSummary, RunError> {
     args.validate()?;
     let masker = Masker::new(&args.load_mask_key()?);
     let prometheus = metrics::install();
     let sqs_client = sqs::client(&args.sqs).await;
-    let sink = Sink::new(args.database.database_url.clone(), args.sink_connections.get());
+    let sink =
+        Sink::with_flush_timeout(args.database.database_url.clone(), args.sink_connections, args.flush_timeout());
     let background = CancellationToken::new();
     let tracker = TaskTracker::new();
 
@@ -293,14 +282,15 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
     tokio::select! {
         () = migrate_with_retry(&sink, args.retry_max_backoff()) => {}
         () = &mut shutdown => {
+            tracing::info!("shut down before the schema was ready; nothing was received");
             background.cancel();
             tracker.close();
-            tracker.wait().await;
-            return Err(RunError::ShutdownBeforeStart);
+            let _ = tokio::time::timeout(TASKS_WAIT, tracker.wait()).await;
+            return Ok(RunSummary::default());
         }
     }
 
-    let dedup = Dedup::new(args.dedup_key, args.dedup_capacity.get(), Duration::from_secs(args.dedup_ttl_secs));
+    let dedup = Dedup::new(args.dedup_capacity, Duration::from_secs(args.dedup_ttl_secs));
     let stages = Arc::new(Stages {
         transform: Transform { masker, dedup },
         sink,
@@ -314,8 +304,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
 
     // Source: pollers stop on this token; everything downstream then drains and ends.
     let stop_source = CancellationToken::new();
-    let pollers = args.pollers.get() as usize;
-    let (to_process, received) = mpsc::channel::<Vec<Envelope>>(pollers * 2);
+    let budget = Budget::new(args.max_inflight_bytes);
+    let (to_process, received) = mpsc::channel::<Vec<Envelope>>(args.pollers * 2);
     let settings = ReceiveSettings {
         queue_url: args.sqs.queue_url.clone(),
         wait_secs: args.receive_wait_secs,
@@ -323,11 +313,12 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         max_backoff: args.retry_max_backoff(),
     };
     let poller_tasks = TaskTracker::new();
-    for _ in 0..pollers {
+    for _ in 0..args.pollers {
         poller_tasks.spawn(source::receive_loop(
             sqs_client.clone(),
             settings.clone(),
             stages.in_flight.clone(),
+            budget.clone(),
             to_process.clone(),
             stop_source.clone(),
         ));
@@ -342,7 +333,13 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         background.clone(),
     ));
     let drain = args.drain.then(|| stop_source.clone());
-    tracker.spawn(watch_queue(stages.clone(), drain, background.clone()));
+    tracker.spawn(drain::watch_queue(
+        sqs_client.clone(),
+        args.sqs.queue_url.clone(),
+        stages.in_flight.clone(),
+        drain,
+        background.clone(),
+    ));
 
     let process_stage = stages.clone();
     let flush_stage = stages.clone();
@@ -368,39 +365,66 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
                 }
             }
         })
-        .buffered(args.mask_concurrency.get())
+        .buffered(args.mask_concurrency)
         .flat_map(stream::iter);
-    let windows = tokio_stream::StreamExt::chunks_timeout(masked, args.batch_max_rows.get(), args.batch_max_wait());
+    let windows = tokio_stream::StreamExt::chunks_timeout(masked, args.batch_max_rows, args.batch_max_wait());
     let pipeline = windows
         .map(move |batch| {
             let stages = flush_stage.clone();
             async move { stages.flush(batch).await }
         })
-        .buffer_unordered(args.sink_connections.get())
+        .buffer_unordered(args.sink_connections)
         .for_each(|()| async {});
     tokio::pin!(pipeline);
 
+    let drain_deadline = async {
+        match args.drain {
+            true => tokio::time::sleep(args.drain_timeout()).await,
+            false => std::future::pending().await,
+        }
+    };
+    let mut drain_timed_out = None;
+    let mut finished = false;
     tokio::select! {
-        () = &mut pipeline => {}
+        () = &mut pipeline => finished = true,
         () = &mut shutdown => {
             tracing::info!(grace = ?args.shutdown_grace(), "shutdown requested: stopping pollers, flushing in-flight work");
-            stop_source.cancel();
-            if tokio::time::timeout(args.shutdown_grace(), &mut pipeline).await.is_err() {
-                stages.abort.cancel();
-                // Retries now give up at once; give the last deletes a moment, then stop.
-                let _ = tokio::time::timeout(Duration::from_secs(5), &mut pipeline).await;
-                let left = stages.in_flight.len();
-                Stats::add(&stages.stats.abandoned, left as u64);
-                tracing::warn!(left, "grace period over; uncommitted messages left for redelivery");
-            }
+        }
+        () = drain_deadline => {
+            let held = stages.in_flight.len();
+            let queue = match tokio::time::timeout(TASKS_WAIT, sqs::queue_depth(&stages.sqs, &stages.queue_url)).await {
+                Ok(Ok(depth)) => format!("{} visible, {} in flight, {} delayed", depth.visible, depth.in_flight, depth.delayed),
+                _ => "nothing (unreachable)".to_owned(),
+            };
+            tracing::error!(held, %queue, "DRAIN_TIMEOUT_SECS passed; stopping");
+            drain_timed_out = Some((held, queue));
         }
     }
     stop_source.cancel();
-    poller_tasks.wait().await;
+    if !finished && tokio::time::timeout(args.shutdown_grace(), &mut pipeline).await.is_err() {
+        stages.abort.cancel();
+        if tokio::time::timeout(ABORT_WAIT, &mut pipeline).await.is_err() {
+            tracing::warn!("in-flight work did not unwind after cancellation; exiting anyway");
+        }
+        let left = stages.in_flight.len();
+        Stats::add(&stages.stats.abandoned, left as u64);
+        metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "shutdown").increment(left as u64);
+        tracing::warn!(left, "grace period over; uncommitted messages left for redelivery");
+    }
+    let _ = tokio::time::timeout(TASKS_WAIT, poller_tasks.wait()).await;
     background.cancel();
     tracker.close();
-    tracker.wait().await;
-    Ok(stages.stats.summary())
+    let _ = tokio::time::timeout(TASKS_WAIT, tracker.wait()).await;
+    let summary = stages.stats.summary();
+    match drain_timed_out {
+        None => Ok(summary),
+        Some((held, queue)) => Err(RunError::DrainTimeout {
+            timeout_secs: args.drain_timeout_secs,
+            held,
+            queue,
+            summary: Box::new(summary),
+        }),
+    }
 }
 
 async fn migrate_with_retry(sink: &Sink, max_backoff: Duration) {
@@ -412,49 +436,9 @@ async fn migrate_with_retry(sink: &Sink, max_backoff: Duration) {
                 metrics::error("sink", "transient");
                 metrics::retry("sink");
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %err, ?delay, "schema migration failed; retrying");
+                tracing::warn!(error = %crate::error_chain(&err), ?delay, "schema migration failed; retrying");
                 tokio::time::sleep(delay).await;
             }
-        }
-    }
-}
-
-/// Publishes the queue's depth every [`QUEUE_CHECK_INTERVAL`]; with `drain`, also stops the source
-/// once the queue reports nothing visible, in flight or delayed and nothing received is still held,
-/// on several checks in a row. While messages are held the queue cannot be drained, so the drain
-/// check skips the call then: counting a large queue is expensive for the SQS emulator.
-async fn watch_queue(stages: Arc<Stages>, drain: Option<CancellationToken>, done: CancellationToken) {
-    let interval = if drain.is_some() { DRAIN_CHECK_INTERVAL } else { QUEUE_CHECK_INTERVAL };
-    let mut confirmations = 0;
-    let mut last_read: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let gauge_due = last_read.is_none_or(|at| at.elapsed() >= QUEUE_CHECK_INTERVAL);
-        let drain_check = drain.is_some() && stages.in_flight.is_empty();
-        if !gauge_due && !drain_check {
-            confirmations = 0;
-            continue;
-        }
-        let empty = match sqs::queue_depth(&stages.sqs, &stages.queue_url).await {
-            Ok(depth) => {
-                last_read = Some(Instant::now());
-                depth.record();
-                depth.is_empty() && stages.in_flight.is_empty()
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read queue depth");
-                false
-            }
-        };
-        let Some(stop_source) = &drain else { continue };
-        confirmations = if empty { confirmations + 1 } else { 0 };
-        if confirmations >= DRAIN_CONFIRMATIONS {
-            tracing::info!("queue drained");
-            stop_source.cancel();
-            return;
         }
     }
 }
@@ -462,7 +446,6 @@ async fn watch_queue(stages: Arc<Stages>, drain: Option<CancellationToken>, done
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DedupKey;
     use crate::metrics::tests::{capture, value_of};
     use metrics_util::debugging::DebugValue;
 
@@ -477,7 +460,7 @@ mod tests {
         Stages {
             transform: Transform {
                 masker: Masker::new(&secrecy::SecretString::from("k".repeat(32))),
-                dedup: Dedup::new(DedupKey::MessageId, 100, Duration::from_secs(60)),
+                dedup: Dedup::new(100, Duration::from_secs(60)),
             },
             sink: Sink::new("postgres://nobody@127.0.0.1:9/none".parse().unwrap(), 1),
             sqs: sqs::client(&sqs_args).await,
@@ -494,6 +477,7 @@ mod tests {
             ack: Ack { message_id: id.into(), receipt_handle: format!("r-{id}") },
             body: body.into(),
             sent_at: Utc::now(),
+            share: None,
         }
     }
 
@@ -512,7 +496,7 @@ mod tests {
     async fn process_sorts_messages_into_rows_quarantine_and_duplicates_in_order() {
         let stages = stages().await;
         let dedup = &stages.transform.dedup;
-        dedup.mark_committed([dedup.fingerprint("m-3", "")]).await;
+        dedup.mark_committed([dedup.fingerprint("m-3")]).await;
         let batch = vec![envelope("m-1", VALID), envelope("m-2", "{oops"), envelope("m-3", VALID)];
         let mut items = Vec::new();
         let series = capture(|| items = stages.process(batch));

@@ -1,0 +1,65 @@
+//! Watching the queue: the depth gauge, and `--drain`'s decision that the work is done.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::source::InFlight;
+use crate::sqs;
+
+/// How often the queue's depth is read (for the gauge), and how often `--drain` checks it.
+const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How many empty checks in a row `--drain` needs before it stops.
+const DRAIN_CONFIRMATIONS: u32 = 2;
+
+/// Publishes the queue's depth every [`QUEUE_CHECK_INTERVAL`]; with `drain`, also stops the source
+/// once the queue reports nothing visible, in flight or delayed and nothing received is still held,
+/// on several checks in a row. While messages are held the queue cannot be drained, so the drain
+/// check skips the call then: counting a large queue is expensive for the SQS emulator.
+pub(crate) async fn watch_queue(
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+    in_flight: Arc<InFlight>,
+    drain: Option<CancellationToken>,
+    done: CancellationToken,
+) {
+    let interval = if drain.is_some() { DRAIN_CHECK_INTERVAL } else { QUEUE_CHECK_INTERVAL };
+    let mut confirmations = 0;
+    let mut last_read: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let gauge_due = last_read.is_none_or(|at| at.elapsed() >= QUEUE_CHECK_INTERVAL);
+        let drain_check = drain.is_some() && in_flight.is_empty();
+        if !gauge_due && !drain_check {
+            confirmations = 0;
+            continue;
+        }
+        let depth = tokio::select! {
+            _ = done.cancelled() => return,
+            depth = sqs::queue_depth(&client, &queue_url) => depth,
+        };
+        let empty = match depth {
+            Ok(depth) => {
+                last_read = Some(Instant::now());
+                depth.record();
+                depth.is_empty() && in_flight.is_empty()
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read queue depth");
+                false
+            }
+        };
+        let Some(stop_source) = &drain else { continue };
+        confirmations = if empty { confirmations + 1 } else { 0 };
+        if confirmations >= DRAIN_CONFIRMATIONS {
+            tracing::info!("queue drained");
+            stop_source.cancel();
+            return;
+        }
+    }
+}
