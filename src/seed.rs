@@ -31,6 +31,9 @@ pub enum SeedError {
 
 /// Creates the queue `name` and its dead-letter queue `<name>-dlq` (redrive after
 /// `max_receive_count` receives) unless they exist. Returns the queue's URL.
+/// SQS's largest message (1 MiB since 2025), set on the queues `seed` creates.
+const MAX_MESSAGE_BYTES: &str = "1048576";
+
 pub async fn ensure_queue(client: &Client, name: &str, max_receive_count: u16) -> Result<String, SeedError> {
     if let Ok(found) = client.get_queue_url().queue_name(name).send().await {
         if let Some(url) = found.queue_url {
@@ -41,6 +44,7 @@ pub async fn ensure_queue(client: &Client, name: &str, max_receive_count: u16) -
         .create_queue()
         .queue_name(format!("{name}-dlq"))
         .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+        .attributes(QueueAttributeName::MaximumMessageSize, MAX_MESSAGE_BYTES)
         .send()
         .await
         .map_err(|e| Box::new(aws_sdk_sqs::Error::from(e)))?
@@ -61,6 +65,7 @@ pub async fn ensure_queue(client: &Client, name: &str, max_receive_count: u16) -
         .create_queue()
         .queue_name(name)
         .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
+        .attributes(QueueAttributeName::MaximumMessageSize, MAX_MESSAGE_BYTES)
         .send()
         .await
         .map_err(|e| Box::new(aws_sdk_sqs::Error::from(e)))?;

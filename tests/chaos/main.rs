@@ -384,3 +384,296 @@ async fn sigterm_during_a_busy_drain_exits_0_in_the_grace_period_and_loses_nothi
         second["written"]
     );
 }
+
+/// Sends SIGTERM to a running loginflow.
+fn sigterm(process: &Loginflow) {
+    assert!(std::process::Command::new("kill").args(["-TERM", &process.pid()]).status().unwrap().success());
+}
+
+/// The `user_id`s of some valid bodies, to aim a database fault at.
+fn victims(bodies: &[String], count: usize) -> Vec<String> {
+    let mut seen = HashSet::new();
+    bodies
+        .iter()
+        .filter_map(|b| serde_json::from_str::<Value>(b).ok())
+        .filter_map(|v| v["user_id"].as_str().map(str::to_owned))
+        .filter(|u| seen.insert(u.clone()))
+        .step_by(97)
+        .take(count)
+        .collect()
+}
+
+/// Message ids quarantined as `db_rejected`, with their detail (the SQLSTATE).
+async fn db_rejected(env: &TestEnv) -> Vec<(String, String)> {
+    let db = env.db().await;
+    let rows = db
+        .query("SELECT message_id, detail FROM user_logins_quarantine WHERE reason = 'db_rejected'", &[])
+        .await
+        .unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// Drains `bodies` while `fault_sql` makes the database refuse the rows of `victims`;
+/// asserts each victim costs only itself: quarantined as db_rejected with `sqlstate`, the rest stored.
+async fn drain_with_refused_rows(seed: u64, fault_sql: &str, sqlstate: &str) -> String {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let bodies = synthetic_bodies(3_000, seed);
+    let victims = victims(&bodies, 5);
+    let list = victims.iter().map(|v| format!("'{v}'")).collect::<Vec<_>>().join(",");
+    env.db().await.batch_execute(&fault_sql.replace("$VICTIMS", &list)).await.expect("install the fault");
+    let sent = env.publish_with_ids(&bodies).await;
+    let started = Instant::now();
+    let (ok, summary, logs) = Loginflow::spawn(&env, &["--drain"], &[]).finish(Duration::from_secs(240)).await;
+    let took = started.elapsed();
+    assert!(ok, "drain finished: {logs}");
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    let victim_rows = bodies
+        .iter()
+        .filter(|b| loginflow::decode::decode(b).is_ok())
+        .filter(|b| victims.iter().any(|v| b.contains(&format!("\"{v}\""))))
+        .count();
+    let rejected = db_rejected(&env).await;
+    assert_eq!(rejected.len(), victim_rows, "exactly the victims' rows are db_rejected: {rejected:?}");
+    assert!(rejected.iter().all(|(_, detail)| detail == sqlstate), "{rejected:?}");
+    assert_eq!(summary["quarantined_by_reason"]["db_rejected"], victim_rows as u64);
+    assert_eq!(summary["released"], 0);
+    assert_no_pii(&env, &bodies, &logs).await;
+    format!(
+        "sent={} refused_rows={victim_rows} written={} quarantined={} drain_secs={:.1} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        summary["written"],
+        summary["quarantined"],
+        took.as_secs_f64()
+    )
+}
+
+#[tokio::test]
+async fn a_trigger_raising_on_one_row_costs_only_that_row() {
+    let fault = "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.user_id IN ($VICTIMS) THEN RAISE EXCEPTION 'refused by policy'; END IF; RETURN NEW; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON user_logins FOR EACH ROW EXECUTE FUNCTION refuse();";
+    let figures = drain_with_refused_rows(110, fault, "P0001").await;
+    println!("figures: trigger_raise {figures}");
+}
+
+#[tokio::test]
+async fn a_deferred_constraint_failing_at_commit_costs_only_its_rows() {
+    // Every user_id but the victims' is known; the foreign key is checked only at COMMIT.
+    let fault = "CREATE TABLE known_users (user_id varchar(128) PRIMARY KEY);
+        CREATE FUNCTION admit() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.user_id NOT IN ($VICTIMS) THEN
+            INSERT INTO known_users VALUES (NEW.user_id) ON CONFLICT DO NOTHING; END IF; RETURN NEW; END $$;
+        CREATE TRIGGER admit BEFORE INSERT ON user_logins FOR EACH ROW EXECUTE FUNCTION admit();
+        ALTER TABLE user_logins ADD CONSTRAINT known_user FOREIGN KEY (user_id) REFERENCES known_users
+            DEFERRABLE INITIALLY DEFERRED;";
+    let figures = drain_with_refused_rows(111, fault, "23503").await;
+    println!("figures: deferred_constraint {figures}");
+}
+
+#[tokio::test]
+async fn a_message_not_even_the_quarantine_accepts_reaches_the_dead_letter_queue() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    // Quarantine refuses everything: malformed messages cannot be stored anywhere.
+    env.db()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'quarantine is closed'; END $$;
+             CREATE TRIGGER refuse BEFORE INSERT ON user_logins_quarantine FOR EACH ROW EXECUTE FUNCTION refuse();",
+        )
+        .await
+        .unwrap();
+    let mut bodies = synthetic_bodies(500, 112);
+    bodies.extend((0..7).map(|i| format!("not json {i}")));
+    let malformed = bodies.iter().filter(|b| loginflow::decode::decode(b).is_err()).count();
+    let sent = env.publish_with_ids(&bodies).await;
+    let (ok, summary, logs) = Loginflow::spawn(&env, &["--drain"], &[("VISIBILITY_TIMEOUT_SECS", "5".to_owned())])
+        .finish(Duration::from_secs(240))
+        .await;
+    assert!(ok, "drain finished although some messages can never be stored: {logs}");
+    let dead = env.take_dead_letters().await;
+    assert_eq!(dead.len(), malformed, "every unstorable message, and only those, is in the DLQ");
+    let (lost, duplicated) = env.assert_each_once(&sent, &dead).await;
+    // Five receives before the redrive policy moves each one.
+    assert_eq!(summary["released"], (malformed * 5) as u64, "{summary}");
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: unstorable sent={} malformed={malformed} dead_lettered={} released={} written={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        dead.len(),
+        summary["released"],
+        summary["written"]
+    );
+}
+
+#[tokio::test]
+async fn sigterm_while_the_table_is_locked_exits_0_and_a_second_run_stores_everything_once() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let bodies = synthetic_bodies(2_000, 113);
+    let sent = env.publish_with_ids(&bodies).await;
+    let mut locker = env.db().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let grace = Duration::from_secs(2);
+    let process = Loginflow::spawn(&env, &["--drain"], &[("SHUTDOWN_GRACE_SECS", grace.as_secs().to_string())]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let signalled = Instant::now();
+    sigterm(&process);
+    let (ok, first, mut logs) = process.finish(grace + Duration::from_secs(30)).await;
+    let exit_after = signalled.elapsed();
+    assert!(ok, "SIGTERM exits 0: {logs}");
+    assert!(exit_after < grace + Duration::from_secs(10), "took {exit_after:?}");
+    assert_eq!(first["deleted"], 0, "nothing uncommitted deleted");
+    assert!(first["abandoned"].as_u64().unwrap() > 0, "the blocked writes were abandoned: {first}");
+    lock.rollback().await.unwrap();
+    assert_eq!(row_count(&env).await, 0, "the cancelled transactions rolled back");
+
+    let (ok, second, more_logs) = Loginflow::spawn(&env, &["--drain"], &[]).finish(Duration::from_secs(240)).await;
+    assert!(ok);
+    logs.push_str(&more_logs);
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: sigterm_locked sent={} grace_secs={} exit_secs={:.2} abandoned={} second_run_written={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        grace.as_secs(),
+        exit_after.as_secs_f64(),
+        first["abandoned"],
+        second["written"]
+    );
+}
+
+#[tokio::test]
+async fn sigterm_while_postgres_is_unreachable_exits_0_and_a_second_run_stores_everything_once() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let bodies = synthetic_bodies(6_000, 114);
+    let sent = env.publish_with_ids(&bodies).await;
+    let grace = Duration::from_secs(3);
+    let process = Loginflow::spawn(
+        &env,
+        &["--drain"],
+        &[("SHUTDOWN_GRACE_SECS", grace.as_secs().to_string()), ("BATCH_MAX_ROWS", "200".to_owned())],
+    );
+    wait_for_rows(&env, 200).await;
+    services("postgres-stop");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let signalled = Instant::now();
+    sigterm(&process);
+    let (ok, first, mut logs) = process.finish(grace + Duration::from_secs(30)).await;
+    let exit_after = signalled.elapsed();
+    services("postgres-start");
+    assert!(ok, "SIGTERM exits 0: {logs}");
+    assert!(exit_after < grace + Duration::from_secs(10), "took {exit_after:?}");
+
+    let (ok, second, more_logs) = Loginflow::spawn(&env, &["--drain"], &[]).finish(Duration::from_secs(240)).await;
+    assert!(ok);
+    logs.push_str(&more_logs);
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: sigterm_unreachable sent={} grace_secs={} exit_secs={:.2} first_run_written={} abandoned={} second_run_written={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        grace.as_secs(),
+        exit_after.as_secs_f64(),
+        first["written"],
+        first["abandoned"],
+        second["written"]
+    );
+}
+
+/// Peak resident memory of a process so far (VmHWM), in bytes.
+fn peak_rss(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[tokio::test]
+async fn a_flood_of_1_mib_bodies_stays_within_the_byte_budget_and_loses_nothing() {
+    let env = TestEnv::new().await;
+    const BODIES: usize = 240;
+    let padding = |i: usize| "x".repeat(1_000_000 + i);
+    let mut bodies = Vec::new();
+    for (i, small) in synthetic_bodies(BODIES as u64, 115).into_iter().enumerate() {
+        let mut value: Value = serde_json::from_str(&small).unwrap();
+        value["padding"] = Value::String(padding(i));
+        if i % 2 == 1 {
+            // Malformed: the address hides under another key and the version is gone.
+            let ip = value["ip"].take();
+            value["client_ip"] = ip;
+            value["app_version"] = Value::Null;
+        }
+        bodies.push(value.to_string());
+    }
+    assert!(bodies.iter().all(|b| b.len() > 1_000_000 && b.len() <= 1 << 20));
+    let sent = env.send_each(&bodies).await;
+    let budget: u64 = 64 << 20;
+    let mut process = Loginflow::spawn(&env, &["--drain"], &[("MAX_INFLIGHT_BYTES", budget.to_string())]);
+    let pid = process.pid();
+    let mut peak = 0;
+    while process.is_running() {
+        peak = peak_rss(&pid).unwrap_or(0).max(peak);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, summary, logs) = process.finish(Duration::from_secs(10)).await;
+    assert!(ok, "{logs}");
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    assert_eq!(summary["written"], (BODIES / 2) as u64);
+    assert_eq!(summary["quarantined"], (BODIES / 2) as u64);
+    let limit = budget + (64 << 20);
+    assert!(peak > 0 && peak <= limit, "peak RSS {} MiB over the bar of {} MiB", peak >> 20, limit >> 20);
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: big_bodies sent={} body_mib=1 total_mib={} budget_mib={} peak_rss_mib={} written={} quarantined={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        bodies.iter().map(String::len).sum::<usize>() >> 20,
+        budget >> 20,
+        peak >> 20,
+        summary["written"],
+        summary["quarantined"]
+    );
+}
+
+#[tokio::test]
+async fn visibility_extensions_failing_for_a_while_cause_no_redelivery() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let proxy = Proxy::start(env.endpoint.trim_start_matches("http://")).await;
+    let bodies = synthetic_bodies(300, 116);
+    let sent = env.publish_with_ids(&bodies).await;
+    // The table is locked for 14 s, so every message is held far past its 6 s visibility timeout;
+    // the SQS endpoint disappears while the first extensions fall due.
+    let mut locker = env.db().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let settings = [
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", proxy.port)),
+        ("VISIBILITY_TIMEOUT_SECS", "6".to_owned()),
+    ];
+    let process = Loginflow::spawn(&env, &["--drain"], &settings);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    proxy.down();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.up().await;
+    tokio::time::sleep(Duration::from_millis(9_500)).await;
+    lock.commit().await.unwrap();
+
+    let (ok, summary, logs) = process.finish(Duration::from_secs(120)).await;
+    assert!(ok, "{logs}");
+    assert!(logs.contains("visibility change failed"), "the fault hit the extensions");
+    assert_eq!(summary["received"], 300, "no message was delivered twice: {summary}");
+    assert_eq!(summary["duplicates"], 0);
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: failing_extensions sent={} visibility_secs=6 sqs_down_secs=2 held_secs=14 received={} duplicates={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        summary["received"],
+        summary["duplicates"]
+    );
+}

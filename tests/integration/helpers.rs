@@ -167,6 +167,54 @@ impl TestEnv {
         (lost, duplicated)
     }
 
+    /// The dead-letter queue's URL (made by `seed::ensure_queue` beside the queue).
+    pub async fn dlq_url(&self) -> String {
+        let name = format!("{}-dlq", self.queue_url.rsplit('/').next().unwrap());
+        self.sqs.get_queue_url().queue_name(name).send().await.expect("dlq").queue_url.expect("dlq url")
+    }
+
+    /// Receives and deletes everything in the dead-letter queue; returns the message ids.
+    pub async fn take_dead_letters(&self) -> Vec<String> {
+        let dlq = self.dlq_url().await;
+        let mut ids = Vec::new();
+        let mut empty_polls = 0;
+        while empty_polls < 2 {
+            let out = self
+                .sqs
+                .receive_message()
+                .queue_url(&dlq)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .expect("receive from the dlq");
+            let messages = out.messages.unwrap_or_default();
+            empty_polls = if messages.is_empty() { empty_polls + 1 } else { 0 };
+            for message in messages {
+                ids.push(message.message_id.unwrap_or_default());
+                let receipt = message.receipt_handle.unwrap_or_default();
+                self.sqs.delete_message().queue_url(&dlq).receipt_handle(receipt).send().await.expect("delete");
+            }
+        }
+        ids
+    }
+
+    /// Asserts every sent id ends exactly once as a row, a quarantine record or (exactly the ids
+    /// of `dead_letters`) a dead-letter message, and the queue is empty. Returns `(lost, duplicated)`.
+    pub async fn assert_each_once(&self, sent: &[String], dead_letters: &[String]) -> (usize, usize) {
+        let stored = self.stored_ids().await;
+        let dead: std::collections::HashSet<&String> = dead_letters.iter().collect();
+        let sent_set: std::collections::HashSet<&String> = sent.iter().collect();
+        let lost = sent.iter().filter(|id| !stored.contains_key(*id) && !dead.contains(id)).count();
+        let duplicated = stored.values().filter(|n| **n > 1).count()
+            + dead_letters.len().saturating_sub(dead.len())
+            + dead.iter().filter(|id| stored.contains_key(**id)).count();
+        let unexpected = stored.keys().chain(dead_letters).filter(|id| !sent_set.contains(id)).count();
+        assert_eq!((lost, duplicated, unexpected), (0, 0, 0), "lost, duplicated, unexpected of {} sent", sent.len());
+        self.assert_queue_empty().await;
+        (lost, duplicated)
+    }
+
     /// Sends each body on its own and returns the message ids, in order.
     pub async fn send_each(&self, bodies: &[String]) -> Vec<String> {
         let mut ids = Vec::new();
