@@ -156,10 +156,11 @@ pub struct RunArgs {
           value_parser = count(1, 64))]
     pub sink_connections: usize,
 
-    /// Byte budget of message bodies held anywhere in the pipeline (16777216..=2147483648);
-    /// pollers wait while it is spent. Each poller reserves 10 MiB (a full batch) while it receives.
+    /// Byte budget of message bodies held anywhere in the pipeline (33554432..=2147483648);
+    /// pollers wait while it is spent. A receive reserves room for ten bodies of the largest
+    /// size seen lately, twice (the response and the parsed bodies): up to 20 MiB.
     #[arg(long, env = "MAX_INFLIGHT_BYTES", value_name = "MAX_INFLIGHT_BYTES", default_value = "67108864",
-          value_parser = count(16 << 20, 2 << 30))]
+          value_parser = count(32 << 20, 2 << 30))]
     pub max_inflight_bytes: usize,
 
     /// Deadline of one batch's write to PostgreSQL, all statements and the commit, in seconds

@@ -35,8 +35,10 @@ pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default deadline of a connection attempt (`connect_timeout` in DATABASE_URL overrides it).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most bytes of quarantine bodies sent in one statement (PostgreSQL refuses messages over 1 GB).
-const QUARANTINE_STATEMENT_BYTES: usize = 16 << 20;
+/// Most bytes of quarantine bodies sent in one statement: PostgreSQL refuses messages over 1 GB,
+/// and each statement is copied twice on its way out (parameters, then the connection's write
+/// buffer), so small statements keep big bodies from doubling the memory they take.
+const QUARANTINE_STATEMENT_BYTES: usize = 2 << 20;
 const COPY_LOGINS: &str = "\
 COPY user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
                   app_version, app_version_text, create_date, sent_at) FROM STDIN (FORMAT binary)";

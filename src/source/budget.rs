@@ -1,22 +1,32 @@
 //! The byte budget: message bodies held anywhere in the pipeline stay under
-//! `MAX_INFLIGHT_BYTES`. A poller reserves room for a full receive batch before it asks
-//! SQS, keeps what the bodies it got need, and gives the rest back; each body's share is
+//! `MAX_INFLIGHT_BYTES`. A poller reserves room for a receive batch before it asks SQS,
+//! keeps what the bodies it got need, and gives the rest back; each body's share is
 //! returned when its message leaves the pipeline (deleted, or left for redelivery).
+//!
+//! A receive briefly holds each body twice (the HTTP response, then the parsed message),
+//! so a reservation is twice ten bodies of the largest size seen lately. It starts small, so
+//! a stream of small messages never waits on it, and follows the bodies up (at once) and
+//! down (slowly): measured with 1 MiB bodies, the receive buffers were most of the memory.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Largest SQS message body (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Room one receive of 10 messages can need.
-pub const MAX_BATCH_BYTES: usize = crate::source::SQS_BATCH_LIMIT * MAX_BODY_BYTES;
+/// Room one receive of 10 messages can need: each body twice.
+pub const MAX_BATCH_BYTES: usize = 2 * crate::source::SQS_BATCH_LIMIT * MAX_BODY_BYTES;
+/// The body size a reservation assumes before any large body was seen.
+const SMALL_BODY_BYTES: usize = 64 << 10;
 
 /// The shared budget.
 #[derive(Debug, Clone)]
 pub struct Budget {
     semaphore: Arc<Semaphore>,
     capacity: usize,
+    /// The largest body seen lately, in bytes.
+    recent_body: Arc<AtomicUsize>,
 }
 
 /// Bytes of the budget held by one message (or, before a receive, by a reservation).
@@ -27,12 +37,17 @@ impl Budget {
     /// A budget of `capacity` bytes (at least one batch; config enforces it).
     pub fn new(capacity: usize) -> Budget {
         let capacity = capacity.clamp(MAX_BATCH_BYTES, Semaphore::MAX_PERMITS);
-        Budget { semaphore: Arc::new(Semaphore::new(capacity)), capacity }
+        Budget {
+            semaphore: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            recent_body: Arc::new(AtomicUsize::new(SMALL_BODY_BYTES)),
+        }
     }
 
-    /// Waits until a full batch fits in the budget, and reserves it.
+    /// Waits until a batch of bodies of the recent size fits in the budget, and reserves it.
     pub async fn reserve_batch(&self) -> Share {
-        self.acquire(MAX_BATCH_BYTES).await
+        let body = self.recent_body.load(Ordering::Relaxed);
+        self.acquire(2 * crate::source::SQS_BATCH_LIMIT * body).await
     }
 
     /// Waits for `bytes` (at most the whole budget).
@@ -45,8 +60,12 @@ impl Budget {
 
     /// Splits a reservation into one share per body; returns the unused rest to the budget.
     /// Bodies larger than the reservation (only an emulator sends them) wait for the difference.
-    pub async fn shares_for(&self, mut reservation: Share, sizes: impl IntoIterator<Item = usize>) -> Vec<Share> {
-        let mut shares = Vec::new();
+    pub async fn shares_for(&self, mut reservation: Share, sizes: Vec<usize>) -> Vec<Share> {
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        let _ = self.recent_body.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |recent| {
+            Some(largest.max(recent - recent / 8).clamp(SMALL_BODY_BYTES, MAX_BODY_BYTES))
+        });
+        let mut shares = Vec::with_capacity(sizes.len());
         for size in sizes {
             let share = match reservation.0.split(size) {
                 Some(permit) => Share(permit),
@@ -76,17 +95,29 @@ mod tests {
     async fn reservations_shrink_to_the_bodies_and_shares_come_back() {
         let budget = Budget::new(2 * MAX_BATCH_BYTES);
         let reservation = budget.reserve_batch().await;
-        assert_eq!(budget.available(), MAX_BATCH_BYTES);
-        let shares = budget.shares_for(reservation, [100, 200]).await;
+        assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES - 20 * SMALL_BODY_BYTES);
+        let shares = budget.shares_for(reservation, vec![100, 200]).await;
         assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES - 300);
         drop(shares);
         assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES);
     }
 
     #[tokio::test]
+    async fn reservations_follow_the_body_size_up_at_once_and_down_slowly() {
+        let budget = Budget::new(4 * MAX_BATCH_BYTES);
+        drop(budget.shares_for(budget.reserve_batch().await, vec![MAX_BODY_BYTES]).await);
+        let reservation = budget.reserve_batch().await;
+        assert_eq!(budget.available(), 3 * MAX_BATCH_BYTES, "a full batch of the largest body");
+        drop(budget.shares_for(reservation, vec![10]).await);
+        let reservation = budget.reserve_batch().await;
+        assert_eq!(budget.capacity() - budget.available(), 20 * (MAX_BODY_BYTES - MAX_BODY_BYTES / 8));
+        drop(reservation);
+    }
+
+    #[tokio::test]
     async fn a_spent_budget_makes_the_next_reservation_wait() {
         let budget = Budget::new(MAX_BATCH_BYTES);
-        let held = budget.shares_for(budget.reserve_batch().await, [MAX_BODY_BYTES]).await;
+        let held = budget.shares_for(budget.reserve_batch().await, vec![MAX_BODY_BYTES]).await;
         let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), budget.reserve_batch()).await;
         assert!(waiting.is_err(), "a full batch does not fit while a body is held");
         drop(held);

@@ -26,7 +26,16 @@ struct Loginflow {
 
 impl Loginflow {
     fn spawn(env: &TestEnv, args: &[&str], settings: &[(&str, String)]) -> Loginflow {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_loginflow"))
+        // CHAOS_WRAPPER runs loginflow under a profiler (e.g. `heaptrack`), for investigations.
+        let mut command = match std::env::var("CHAOS_WRAPPER") {
+            Ok(wrapper) => {
+                let mut command = Command::new(wrapper);
+                command.arg(env!("CARGO_BIN_EXE_loginflow"));
+                command
+            }
+            Err(_) => Command::new(env!("CARGO_BIN_EXE_loginflow")),
+        };
+        let mut child = command
             .arg("run")
             .args(args)
             .envs(env.binary_env())
@@ -646,21 +655,22 @@ async fn visibility_extensions_failing_for_a_while_cause_no_redelivery() {
     let proxy = Proxy::start(env.endpoint.trim_start_matches("http://")).await;
     let bodies = synthetic_bodies(300, 116);
     let sent = env.publish_with_ids(&bodies).await;
-    // The table is locked for 14 s, so every message is held far past its 6 s visibility timeout;
-    // the SQS endpoint disappears while the first extensions fall due.
+    // The table is locked for 28 s, so every message is held past its 20 s visibility timeout.
+    // Extensions fall due ~10 s after receipt; the SQS endpoint is gone from 8 s to 15 s, long
+    // enough for the SDK's own retries to give up, so loginflow must retry within the timeout.
     let mut locker = env.db().await;
     let lock = locker.transaction().await.unwrap();
     lock.batch_execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE").await.unwrap();
     let settings = [
         ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", proxy.port)),
-        ("VISIBILITY_TIMEOUT_SECS", "6".to_owned()),
+        ("VISIBILITY_TIMEOUT_SECS", "20".to_owned()),
     ];
     let process = Loginflow::spawn(&env, &["--drain"], &settings);
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     proxy.down();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     proxy.up().await;
-    tokio::time::sleep(Duration::from_millis(9_500)).await;
+    tokio::time::sleep(Duration::from_secs(13)).await;
     lock.commit().await.unwrap();
 
     let (ok, summary, logs) = process.finish(Duration::from_secs(120)).await;
@@ -671,7 +681,7 @@ async fn visibility_extensions_failing_for_a_while_cause_no_redelivery() {
     let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
     assert_no_pii(&env, &bodies, &logs).await;
     println!(
-        "figures: failing_extensions sent={} visibility_secs=6 sqs_down_secs=2 held_secs=14 received={} duplicates={} lost={lost} duplicated={duplicated}",
+        "figures: failing_extensions sent={} visibility_secs=20 sqs_down_secs=7 held_secs=28 received={} duplicates={} lost={lost} duplicated={duplicated}",
         sent.len(),
         summary["received"],
         summary["duplicates"]
