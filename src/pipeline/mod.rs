@@ -164,10 +164,7 @@ impl Stages {
         let started = Instant::now();
         let window = Window::split(items);
         let Some(committed) = self.write_with_retry(&window).await else {
-            let abandoned = window.acks.len() as u64;
-            Stats::add(&self.stats.abandoned, abandoned);
-            metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "shutdown").increment(abandoned);
-            self.in_flight.release(window.receipts());
+            self.abandon(window.receipts().map(str::to_owned).collect()).await;
             return;
         };
         self.record_commit(&window, &committed, started);
@@ -201,6 +198,17 @@ impl Stages {
         self.in_flight.release(stored.iter().map(Ack::receipt));
         Stats::add(&self.stats.deleted, deleted.succeeded);
         Stats::add(&self.stats.delete_failures, deleted.gave_up);
+    }
+
+    /// Leaves messages for redelivery after shutdown's grace period: counted as abandoned and
+    /// made visible again at once (best effort, bounded), so the next run need not wait out
+    /// their visibility timeout.
+    async fn abandon(&self, receipts: Vec<String>) {
+        Stats::add(&self.stats.abandoned, receipts.len() as u64);
+        metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "shutdown").increment(receipts.len() as u64);
+        self.in_flight.release(receipts.iter().map(String::as_str));
+        let release = source::release_for_redelivery(&self.sqs, &self.queue_url, &receipts);
+        let _ = tokio::time::timeout(TASKS_WAIT, release).await;
     }
 
     /// Metrics and counters of a committed window.
@@ -406,10 +414,9 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         if tokio::time::timeout(ABORT_WAIT, &mut pipeline).await.is_err() {
             tracing::warn!("in-flight work did not unwind after cancellation; exiting anyway");
         }
-        let left = stages.in_flight.len();
-        Stats::add(&stages.stats.abandoned, left as u64);
-        metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "shutdown").increment(left as u64);
-        tracing::warn!(left, "grace period over; uncommitted messages left for redelivery");
+        let left = stages.in_flight.receipts();
+        tracing::warn!(left = left.len(), "grace period over; uncommitted messages left for redelivery");
+        stages.abandon(left).await;
     }
     let _ = tokio::time::timeout(TASKS_WAIT, poller_tasks.wait()).await;
     background.cancel();

@@ -103,6 +103,11 @@ impl InFlight {
         metrics::gauge!(metrics::INFLIGHT_MESSAGES).set(held.len() as f64);
     }
 
+    /// The receipt handles of every message held.
+    pub fn receipts(&self) -> Vec<String> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
     /// Number of messages held.
     pub fn len(&self) -> usize {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).len()

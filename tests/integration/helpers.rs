@@ -116,12 +116,18 @@ impl TestEnv {
 
     /// Sends bodies ten per call and returns every message id.
     pub async fn publish_with_ids(&self, bodies: &[String]) -> Vec<String> {
+        self.publish_delayed(bodies, 0).await
+    }
+
+    /// Sends bodies ten per call, invisible for `delay_secs`, and returns every message id.
+    pub async fn publish_delayed(&self, bodies: &[String], delay_secs: i32) -> Vec<String> {
         let mut ids = Vec::with_capacity(bodies.len());
         for chunk in bodies.chunks(10) {
             let entries = chunk.iter().enumerate().map(|(i, body)| {
                 aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
                     .message_body(body)
+                    .delay_seconds(delay_secs)
                     .build()
                     .unwrap()
             });

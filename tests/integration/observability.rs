@@ -150,6 +150,23 @@ async fn prometheus_query(port: u16, expr: &str) -> Value {
 async fn prometheus_scrapes_a_live_run_and_every_panel_and_alert_query_evaluates() {
     let prometheus_bin = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "prometheus".into());
     let env = TestEnv::new().await;
+    // Make every panel see real events: the database refuses one user's rows (db_rejected), and
+    // rows for some messages already exist (a crash after commit, before delete: duplicates).
+    env.migrated_sink().await;
+    let waves = [synthetic_bodies(1000, 30), synthetic_bodies(1000, 31)];
+    let refused_user = waves[0]
+        .iter()
+        .find(|b| loginflow::decode::decode(b).is_ok())
+        .and_then(|b| serde_json::from_str::<Value>(b).ok())
+        .and_then(|v| v["user_id"].as_str().map(str::to_owned))
+        .unwrap();
+    let refused =
+        waves.iter().flatten().filter(|b| b.contains(&refused_user) && loginflow::decode::decode(b).is_ok()).count();
+    env.db()
+        .await
+        .batch_execute(&format!("ALTER TABLE user_logins ADD CONSTRAINT refused CHECK (user_id <> '{refused_user}')"))
+        .await
+        .unwrap();
     let (metrics_port, prometheus_port) = (free_port(), free_port());
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     // A process of its own, so its counters are its alone (in-process runs share one recorder).
@@ -187,17 +204,34 @@ async fn prometheus_scrapes_a_live_run_and_every_panel_and_alert_query_evaluates
         (!up["data"]["result"].as_array()?.is_empty()).then_some(())
     })
     .await;
-    // Traffic in two waves while Prometheus scrapes every second, with a duplicate-producing mix.
-    for wave in 0..2 {
-        env.publish(synthetic_bodies(1000, 30 + wave)).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    // Traffic in two waves while Prometheus scrapes every second. Before the second wave is
+    // published, rows for ten of its messages are stored as if an earlier run had committed them.
     let db = env.db().await;
+    let first = env.publish_with_ids(&waves[0]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let valid_second: Vec<&String> = waves[1].iter().filter(|b| loginflow::decode::decode(b).is_ok()).collect();
+    // Delayed, so the rows below are stored before loginflow can receive these messages.
+    let second = env.publish_delayed(&waves[1], 4).await;
+    let valid_ids: Vec<&String> = second
+        .iter()
+        .zip(&waves[1])
+        .filter(|(_, b)| loginflow::decode::decode(b).is_ok() && !b.contains(&refused_user))
+        .map(|(id, _)| id)
+        .take(10)
+        .collect();
+    for id in &valid_ids {
+        db.execute("INSERT INTO user_logins (message_id, user_id) VALUES ($1, 'stored earlier')", &[id]).await.unwrap();
+    }
+    let stored_earlier = valid_ids.len();
+    assert_eq!(stored_earlier, 10);
+    assert!(valid_second.len() > 900);
+    let expected_rows = (1980 - refused) as i64;
     wait_for("all rows", async || {
         let n: i64 = db.query_one("SELECT count(*) FROM user_logins", &[]).await.ok()?.get(0);
-        (n == 1980).then_some(())
+        (n == expected_rows).then_some(())
     })
     .await;
+    assert_eq!(first.len() + second.len(), 2000);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     for (title, expr) in dashboards::dashboard_queries() {
@@ -209,7 +243,30 @@ async fn prometheus_scrapes_a_live_run_and_every_panel_and_alert_query_evaluates
         assert!(numbers.iter().any(|v| v.is_finite()), "panel {title:?} has only NaN: {query} -> {result:?}");
     }
     let written = prometheus_query(prometheus_port, "sum(loginflow_records_written_total)").await;
-    assert_eq!(written["data"]["result"][0]["value"][1], "1980");
+    let expected_written = (1980 - refused - stored_earlier).to_string();
+    assert_eq!(written["data"]["result"][0]["value"][1], expected_written.as_str());
+    // The panels of rare events saw their events, not only zeros.
+    for (expr, expected) in [
+        ("sum(loginflow_duplicates_dropped_total{stage=\"database\"})", stored_earlier.to_string()),
+        ("sum(loginflow_quarantined_total{reason=\"db_rejected\"})", refused.to_string()),
+        ("sum(loginflow_errors_total{stage=\"sink\",kind=\"rejected_record\"})", refused.to_string()),
+    ] {
+        let answer = prometheus_query(prometheus_port, expr).await;
+        assert_eq!(answer["data"]["result"][0]["value"][1], expected.as_str(), "{expr}");
+    }
+    for (title, expr) in dashboards::dashboard_queries() {
+        if title.contains("uplicate") || title.contains("uarantine") {
+            let query = format!("max_over_time(({})[1m:1s])", expr.replace("$__rate_interval", "1m"));
+            let answer = prometheus_query(prometheus_port, &query).await;
+            let peak = answer["data"]["result"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+                .fold(0.0, f64::max);
+            assert!(peak > 0.0, "panel {title:?} only ever showed zero: {query}");
+        }
+    }
     for (alert, expr) in dashboards::alert_rules() {
         let answer = prometheus_query(prometheus_port, &expr).await;
         assert_eq!(answer["status"], "success", "alert {alert}: {answer}");
@@ -232,7 +289,7 @@ async fn prometheus_scrapes_a_live_run_and_every_panel_and_alert_query_evaluates
     let output = tokio::time::timeout(Duration::from_secs(30), loginflow.wait_with_output()).await.unwrap().unwrap();
     assert!(output.status.success(), "SIGTERM ends the run with exit 0");
     let summary: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(summary["written"], 1980);
+    assert_eq!(summary["written"], (1980 - refused - stored_earlier) as u64);
     prometheus.kill().await.ok();
     std::fs::remove_dir_all(dir).ok();
 }

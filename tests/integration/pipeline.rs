@@ -304,3 +304,26 @@ async fn startup_refuses_a_short_mask_key_without_printing_it() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("BATCH_MAX_ROWS"));
 }
+
+#[tokio::test]
+async fn a_drain_that_cannot_finish_stops_at_its_timeout_and_names_what_is_held() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    env.publish(synthetic_bodies(50, 9)).await;
+    let mut locker = env.db().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let args = env.run_args(&["--drain-timeout-secs", "3", "--shutdown-grace-secs", "1"]);
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(DRAIN_TIMEOUT, loginflow::run(args, std::future::pending())).await.unwrap();
+    let elapsed = started.elapsed();
+    lock.rollback().await.unwrap();
+    let Err(err @ loginflow::RunError::DrainTimeout { held, .. }) = &result else { panic!("{result:?}") };
+    assert_eq!(*held, 50, "every message is held by the blocked write");
+    let message = err.to_string();
+    assert!(message.contains("DRAIN_TIMEOUT_SECS") && message.contains("50 messages were still held"), "{message}");
+    assert!(elapsed < std::time::Duration::from_secs(10), "took {elapsed:?}");
+    // Nothing was deleted: a later drain stores all of them.
+    let summary = env.drain(&[]).await;
+    assert_eq!(summary.written + summary.quarantined, 50);
+}
