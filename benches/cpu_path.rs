@@ -45,7 +45,7 @@ fn transform() -> Transform {
     let committed: Vec<u128> =
         (0..MESSAGES).step_by(DUPLICATE_EVERY).map(|i| dedup.fingerprint(&format!("committed-{i}"))).collect();
     runtime.block_on(dedup.mark_committed(committed));
-    Transform { masker, dedup }
+    Transform { masker, dedup, input_format: loginflow::source::envelope::InputFormat::Auto }
 }
 
 /// The pipeline's shape: receive batches of 10 in, windows of 1 000 items out.

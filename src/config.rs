@@ -100,6 +100,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub drain: bool,
 
+    /// How bodies are read: `auto` unwraps SNS envelopes it recognises, `raw` never unwraps,
+    /// `sns` requires an envelope (anything else is quarantined as `invalid_envelope`).
+    #[arg(long, env = "INPUT_FORMAT", value_name = "INPUT_FORMAT", default_value = "auto")]
+    pub input_format: crate::source::envelope::InputFormat,
+
     /// Masking secret (at least 32 bytes). Prefer MASK_KEY_FILE in production.
     #[arg(long, env = "MASK_KEY", value_name = "MASK_KEY", hide_env_values = true)]
     pub mask_key: Option<SecretString>,

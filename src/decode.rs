@@ -33,13 +33,15 @@ pub enum Reason {
     InvalidCharacter,
     InvalidIp,
     InvalidAppVersion,
+    /// An SNS envelope that cannot be unwrapped.
+    InvalidEnvelope,
     /// Passed validation, but PostgreSQL refused the row.
     DbRejected,
 }
 
 impl Reason {
     /// Every reason, so metrics can register each label at startup.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::EmptyBody,
         Reason::InvalidJson,
         Reason::NotAnObject,
@@ -51,6 +53,7 @@ impl Reason {
         Reason::InvalidCharacter,
         Reason::InvalidIp,
         Reason::InvalidAppVersion,
+        Reason::InvalidEnvelope,
         Reason::DbRejected,
     ];
 
@@ -68,6 +71,7 @@ impl Reason {
             Reason::InvalidCharacter => "invalid_character",
             Reason::InvalidIp => "invalid_ip",
             Reason::InvalidAppVersion => "invalid_app_version",
+            Reason::InvalidEnvelope => "invalid_envelope",
             Reason::DbRejected => "db_rejected",
         }
     }

@@ -31,6 +31,7 @@ use crate::dedup::{Dedup, Fingerprint};
 use crate::mask::{MaskedLogin, Masker, MessageMeta, QuarantineRecord};
 use crate::retry::Backoff;
 use crate::sink::{Committed, Sink, SinkError};
+use crate::source::envelope::{self, InputFormat, Unwrapped};
 use crate::source::{Ack, Budget, Envelope, InFlight, ReceiveSettings, Share};
 use crate::{ack, http, metrics, source, sqs};
 pub use summary::RunSummary;
@@ -71,10 +72,11 @@ pub struct Item {
     pub share: Option<Share>,
 }
 
-/// The CPU stages, without I/O: decode + validate, dedup, mask.
+/// The CPU stages, without I/O: unwrap (SNS), decode + validate, dedup, mask.
 pub struct Transform {
     pub masker: Masker,
     pub dedup: Dedup,
+    pub input_format: InputFormat,
 }
 
 impl Transform {
@@ -83,15 +85,27 @@ impl Transform {
         batch.into_iter().map(|envelope| self.process_one(envelope)).collect()
     }
 
-    fn process_one(&self, envelope: Envelope) -> Item {
+    fn process_one(&self, mut envelope: Envelope) -> Item {
+        let unwrapped = envelope::unwrap(&envelope.body, self.input_format);
+        if let Ok(Unwrapped::Sns { key, .. }) = &unwrapped {
+            // The SNS id is the idempotency key: the same notification delivered twice is one row.
+            envelope.ack.message_id = key.clone();
+        }
         let fingerprint = self.dedup.fingerprint(&envelope.ack.message_id);
         let record = if self.dedup.is_committed(fingerprint) {
             Record::Duplicate
         } else {
             let meta = MessageMeta { message_id: envelope.ack.message_id.clone(), sent_at: envelope.sent_at };
-            match decode(&envelope.body) {
+            let event = match &unwrapped {
+                Ok(Unwrapped::Raw(body)) => decode(body).map_err(|rejection| (rejection, *body)),
+                Ok(Unwrapped::Sns { message, .. }) => {
+                    decode(message).map_err(|rejection| (rejection, message.as_str()))
+                }
+                Err(rejection) => Err((rejection.clone(), envelope.body.as_str())),
+            };
+            match event {
                 Ok(login) => Record::Login(self.masker.mask_login(login, meta)),
-                Err(rejection) => Record::Quarantine(self.masker.quarantine(rejection, &envelope.body, meta)),
+                Err((rejection, body)) => Record::Quarantine(self.masker.quarantine(rejection, body, meta)),
             }
         };
         Item { ack: envelope.ack, fingerprint, record, share: envelope.share }
@@ -300,7 +314,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
 
     let dedup = Dedup::new(args.dedup_capacity, Duration::from_secs(args.dedup_ttl_secs));
     let stages = Arc::new(Stages {
-        transform: Transform { masker, dedup },
+        transform: Transform { masker, dedup, input_format: args.input_format },
         sink,
         sqs: sqs_client.clone(),
         queue_url: args.sqs.queue_url.clone(),
@@ -468,6 +482,7 @@ mod tests {
             transform: Transform {
                 masker: Masker::new(&secrecy::SecretString::from("k".repeat(32))),
                 dedup: Dedup::new(100, Duration::from_secs(60)),
+                input_format: InputFormat::Auto,
             },
             sink: Sink::new("postgres://nobody@127.0.0.1:9/none".parse().unwrap(), 1),
             sqs: sqs::client(&sqs_args).await,

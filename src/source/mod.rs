@@ -2,6 +2,7 @@
 //! visibility extender that keeps held messages from being redelivered, and the byte budget.
 
 pub mod budget;
+pub mod envelope;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

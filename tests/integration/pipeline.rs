@@ -327,3 +327,93 @@ async fn a_drain_that_cannot_finish_stops_at_its_timeout_and_names_what_is_held(
     let summary = env.drain(&[]).await;
     assert_eq!(summary.written + summary.quarantined, 50);
 }
+
+/// An SNS notification as SNS delivers it into a subscribed queue without raw message delivery.
+fn sns_envelope(sns_id: &str, message: &str) -> String {
+    json!({
+        "Type": "Notification",
+        "MessageId": sns_id,
+        "TopicArn": "arn:aws:sns:us-east-1:000000000000:logins",
+        "Message": message,
+        "Timestamp": "2026-11-24T10:00:00.000Z",
+        "SignatureVersion": "1",
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn sns_envelopes_are_unwrapped_keyed_by_their_sns_id_and_broken_ones_quarantined() {
+    let env = TestEnv::new().await;
+    let valid = r#"{"user_id":"sns-user","app_version":"2.3.0","device_type":"ios","ip":"198.51.100.23","locale":"DE","device_id":"555-12-3456"}"#;
+    let invalid = r#"{"user_id":"sns-user","device_type":"ios","ip":"198.51.100.24","device_id":"555-12-3457"}"#;
+    let broken = sns_envelope("sns-broken", valid).replace("\"Message\"", "\"Mess\"");
+    let bodies = [
+        sns_envelope("sns-valid", valid),
+        // SNS delivers at least once: the same notification again, as a new SQS message.
+        sns_envelope("sns-valid", valid),
+        sns_envelope("sns-invalid", invalid),
+        broken,
+    ];
+    let sqs_ids = env.send_each(&bodies).await;
+    let summary = env.drain(&[]).await;
+    assert_eq!((summary.written, summary.quarantined, summary.deleted), (1, 2, 4));
+
+    let db = env.db().await;
+    let rows = db.query("SELECT message_id, user_id, masked_ip FROM user_logins", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1, "one notification, one row, however often SNS delivered it");
+    assert_eq!(rows[0].get::<_, &str>(0), "sns:sns-valid");
+    assert_eq!(rows[0].get::<_, &str>(1), "sns-user");
+    assert_eq!(rows[0].get::<_, String>(2), hmac_hex("198.51.100.23"));
+    let quarantine =
+        db.query("SELECT message_id, reason, detail FROM user_logins_quarantine ORDER BY reason", &[]).await.unwrap();
+    let found: Vec<(String, String, Option<String>)> =
+        quarantine.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        found,
+        [
+            (sqs_ids[3].clone(), "invalid_envelope".to_owned(), Some("Message".to_owned())),
+            ("sns:sns-invalid".to_owned(), "missing_field".to_owned(), Some("app_version".to_owned())),
+        ]
+    );
+    env.assert_queue_empty().await;
+    let tables = dump_tables(&db).await;
+    for raw in ["198.51.100.23", "198.51.100.24", "555-12-3456"] {
+        assert!(!tables.contains(raw), "raw {raw} in the database");
+    }
+}
+
+#[tokio::test]
+async fn pii_hidden_anywhere_in_a_rejected_body_never_reaches_the_quarantine_table() {
+    let env = TestEnv::new().await;
+    // The bodies that leaked raw values into masked_body before quarantine scrubbed by shape.
+    let bodies = [
+        r#""{\"ip\":\"203.0.113.77\",\"device_id\":\"123-45-6789\"}""#.to_owned(),
+        sns_envelope("sns-hidden", r#"{"ip":"203.0.113.78","device_id":"123-45-6780","user_id":"u"}"#)
+            .replace("\"Type\":\"Notification\"", "\"Type\":\"SubscriptionConfirmation\""),
+        r#"{"client_ip": "198.51.100.7", "deviceId": "555-66-7777"}"#.to_owned(),
+        r#"{"note": "login from 192.0.2.99 device 777-88-9999"}"#.to_owned(),
+        r#"["203.0.113.5", "999-00-1111"]"#.to_owned(),
+        r#"ip=2001:db8::5 device=111-22-3334 (not json"#.to_owned(),
+    ];
+    env.send_each(&bodies).await;
+    let summary = env.drain(&[]).await;
+    assert_eq!(summary.quarantined, bodies.len() as u64);
+    let tables = dump_tables(&env.db().await).await;
+    for raw in [
+        "203.0.113.77",
+        "123-45-6789",
+        "203.0.113.78",
+        "123-45-6780",
+        "198.51.100.7",
+        "555-66-7777",
+        "192.0.2.99",
+        "777-88-9999",
+        "203.0.113.5",
+        "999-00-1111",
+        "2001:db8::5",
+        "111-22-3334",
+    ] {
+        assert!(!tables.contains(raw), "raw {raw} in the quarantine table:\n{tables}");
+    }
+    assert!(tables.contains(&hmac_hex("198.51.100.7")), "equal values keep equal masks");
+}

@@ -1,19 +1,18 @@
 //! Mask: keyed, deterministic HMAC-SHA256 of the PII fields, as lower-case hex.
 //!
 //! Equal inputs give equal masks (analysts can group and count), but without the
-//! key nobody can enumerate the 2^32 IPv4 space or the 10^9 device ids.
+//! key nobody can enumerate the 2^32 IPv4 space or the 10^9 device ids. [`scrub`] finds PII by its
+//! shape in quarantined bodies.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
-use serde_json::Value;
 use sha2::Sha256;
 
 use crate::decode::{Reason, Rejection, ValidLogin};
 
-/// The JSON keys treated as PII wherever they appear in a body.
-pub const PII_KEYS: [&str; 2] = ["ip", "device_id"];
+pub mod scrub;
 
 /// Computes masks under one secret key.
 #[derive(Clone)]
@@ -70,61 +69,11 @@ impl Masker {
         }
     }
 
-    /// A quarantine-safe copy of a body: every `ip`/`device_id` value at any depth is
-    /// replaced by its mask. A body that is not JSON has every token that could be an
-    /// address or id (a run of hex digits, dots, colons and dashes holding a digit or colon)
-    /// replaced by `<masked>`, since its fields cannot be told apart.
+    /// A quarantine-safe copy of a body: every address-like or device-id-like token, wherever
+    /// it stands, and every value under a PII-named key, replaced by its mask ([`scrub`]).
     pub fn mask_body(&self, body: &str) -> String {
-        match serde_json::from_str::<Value>(body) {
-            Ok(mut value) => {
-                self.mask_value(&mut value);
-                value.to_string()
-            }
-            Err(_) => scrub_tokens(body),
-        }
+        scrub::scrub_body(body, &|value| self.mask(value))
     }
-
-    fn mask_value(&self, value: &mut Value) {
-        match value {
-            Value::Object(map) => {
-                for (key, field) in map.iter_mut() {
-                    if PII_KEYS.iter().any(|pii| key.eq_ignore_ascii_case(pii)) {
-                        let masked = match &*field {
-                            Value::String(s) => self.mask(s),
-                            Value::Null => continue,
-                            other => self.mask(&other.to_string()),
-                        };
-                        *field = Value::String(masked);
-                    } else {
-                        self.mask_value(field);
-                    }
-                }
-            }
-            Value::Array(items) => items.iter_mut().for_each(|item| self.mask_value(item)),
-            _ => {}
-        }
-    }
-}
-
-fn scrub_tokens(body: &str) -> String {
-    let is_token_char = |c: char| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '-');
-    let mut out = String::with_capacity(body.len());
-    let mut token = String::new();
-    let flush = |token: &mut String, out: &mut String| {
-        let sensitive = token.len() >= 2 && token.chars().any(|c| c.is_ascii_digit() || c == ':');
-        out.push_str(if sensitive { "<masked>" } else { token });
-        token.clear();
-    };
-    for c in body.chars() {
-        if is_token_char(c) {
-            token.push(c);
-        } else {
-            flush(&mut token, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut token, &mut out);
-    out
 }
 
 /// What the pipeline knows of a message besides its body.
