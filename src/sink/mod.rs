@@ -391,6 +391,7 @@ async fn copy_logins(
     }
     writer.finish().await
 }
+
 async fn insert_logins(
     tx: &deadpool_postgres::Transaction<'_>,
     logins: &[MaskedLogin],

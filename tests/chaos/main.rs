@@ -517,6 +517,40 @@ async fn a_message_not_even_the_quarantine_accepts_reaches_the_dead_letter_queue
     );
 }
 
+/// What a SIGTERM-under-fault test measured.
+struct SigtermFigures {
+    exit_after: Duration,
+    first: Value,
+    second: Value,
+    lost: usize,
+    duplicated: usize,
+}
+
+/// Sends SIGTERM to `process` and asserts it exits 0 within the grace period + 10 s; runs
+/// `end_fault`; then a second run must store every message exactly once, with no PII anywhere.
+async fn sigterm_then_drain_again(
+    env: &TestEnv,
+    process: Loginflow,
+    grace: Duration,
+    bodies: &[String],
+    sent: &[String],
+    end_fault: impl AsyncFnOnce(),
+) -> SigtermFigures {
+    let signalled = Instant::now();
+    sigterm(&process);
+    let (ok, first, mut logs) = process.finish(grace + Duration::from_secs(30)).await;
+    let exit_after = signalled.elapsed();
+    end_fault().await;
+    assert!(ok, "SIGTERM exits 0: {logs}");
+    assert!(exit_after < grace + Duration::from_secs(10), "took {exit_after:?}");
+    let (ok, second, more_logs) = Loginflow::spawn(env, &["--drain"], &[]).finish(Duration::from_secs(240)).await;
+    assert!(ok);
+    logs.push_str(&more_logs);
+    let (lost, duplicated) = env.assert_each_once(sent, &[]).await;
+    assert_no_pii(env, bodies, &logs).await;
+    SigtermFigures { exit_after, first, second, lost, duplicated }
+}
+
 #[tokio::test]
 async fn sigterm_while_the_table_is_locked_exits_0_and_a_second_run_stores_everything_once() {
     let env = TestEnv::new().await;
@@ -529,29 +563,22 @@ async fn sigterm_while_the_table_is_locked_exits_0_and_a_second_run_stores_every
     let grace = Duration::from_secs(2);
     let process = Loginflow::spawn(&env, &["--drain"], &[("SHUTDOWN_GRACE_SECS", grace.as_secs().to_string())]);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let signalled = Instant::now();
-    sigterm(&process);
-    let (ok, first, mut logs) = process.finish(grace + Duration::from_secs(30)).await;
-    let exit_after = signalled.elapsed();
-    assert!(ok, "SIGTERM exits 0: {logs}");
-    assert!(exit_after < grace + Duration::from_secs(10), "took {exit_after:?}");
-    assert_eq!(first["deleted"], 0, "nothing uncommitted deleted");
-    assert!(first["abandoned"].as_u64().unwrap() > 0, "the blocked writes were abandoned: {first}");
-    lock.rollback().await.unwrap();
-    assert_eq!(row_count(&env).await, 0, "the cancelled transactions rolled back");
-
-    let (ok, second, more_logs) = Loginflow::spawn(&env, &["--drain"], &[]).finish(Duration::from_secs(240)).await;
-    assert!(ok);
-    logs.push_str(&more_logs);
-    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
-    assert_no_pii(&env, &bodies, &logs).await;
+    let unlock = async || {
+        lock.rollback().await.unwrap();
+        assert_eq!(row_count(&env).await, 0, "the cancelled transactions rolled back");
+    };
+    let f = sigterm_then_drain_again(&env, process, grace, &bodies, &sent, unlock).await;
+    assert_eq!(f.first["deleted"], 0, "nothing uncommitted deleted");
+    assert!(f.first["abandoned"].as_u64().unwrap() > 0, "the blocked writes were abandoned: {}", f.first);
     println!(
-        "figures: sigterm_locked sent={} grace_secs={} exit_secs={:.2} abandoned={} second_run_written={} lost={lost} duplicated={duplicated}",
+        "figures: sigterm_locked sent={} grace_secs={} exit_secs={:.2} abandoned={} second_run_written={} lost={} duplicated={}",
         sent.len(),
         grace.as_secs(),
-        exit_after.as_secs_f64(),
-        first["abandoned"],
-        second["written"]
+        f.exit_after.as_secs_f64(),
+        f.first["abandoned"],
+        f.second["written"],
+        f.lost,
+        f.duplicated
     );
 }
 
@@ -570,27 +597,18 @@ async fn sigterm_while_postgres_is_unreachable_exits_0_and_a_second_run_stores_e
     wait_for_rows(&env, 200).await;
     services("postgres-stop");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let signalled = Instant::now();
-    sigterm(&process);
-    let (ok, first, mut logs) = process.finish(grace + Duration::from_secs(30)).await;
-    let exit_after = signalled.elapsed();
-    services("postgres-start");
-    assert!(ok, "SIGTERM exits 0: {logs}");
-    assert!(exit_after < grace + Duration::from_secs(10), "took {exit_after:?}");
-
-    let (ok, second, more_logs) = Loginflow::spawn(&env, &["--drain"], &[]).finish(Duration::from_secs(240)).await;
-    assert!(ok);
-    logs.push_str(&more_logs);
-    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
-    assert_no_pii(&env, &bodies, &logs).await;
+    let restart = async || services("postgres-start");
+    let f = sigterm_then_drain_again(&env, process, grace, &bodies, &sent, restart).await;
     println!(
-        "figures: sigterm_unreachable sent={} grace_secs={} exit_secs={:.2} first_run_written={} abandoned={} second_run_written={} lost={lost} duplicated={duplicated}",
+        "figures: sigterm_unreachable sent={} grace_secs={} exit_secs={:.2} first_run_written={} abandoned={} second_run_written={} lost={} duplicated={}",
         sent.len(),
         grace.as_secs(),
-        exit_after.as_secs_f64(),
-        first["written"],
-        first["abandoned"],
-        second["written"]
+        f.exit_after.as_secs_f64(),
+        f.first["written"],
+        f.first["abandoned"],
+        f.second["written"],
+        f.lost,
+        f.duplicated
     );
 }
 
