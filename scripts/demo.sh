@@ -5,13 +5,14 @@
 #
 #   SAMPLE=path/to/records.json scripts/demo.sh     # another JSON array of records
 #   MASK_KEY=... scripts/demo.sh                     # your own key (else a throw-away one)
+#   KEEP_SERVICES=1 scripts/demo.sh                  # leave PostgreSQL and the emulator running afterwards
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 SAMPLE=${SAMPLE:-data/sample_logins.json}
 DEMO_DATABASE=${DEMO_DATABASE:-loginflow_demo}
 
-trap services_down EXIT
+if [ "${KEEP_SERVICES:-0}" != 1 ]; then trap services_down EXIT; fi
 services_up
 ADMIN_URL=$DATABASE_URL
 export DATABASE_URL="${ADMIN_URL%/*}/$DEMO_DATABASE"
@@ -53,3 +54,13 @@ psql -q "$DATABASE_URL" -P footer=off -c "
   SELECT user_id, device_type, left(masked_ip, 16) || '…' AS masked_ip,
          left(masked_device_id, 16) || '…' AS masked_device_id, locale, app_version, app_version_string, create_date
   FROM user_logins_readable ORDER BY sent_at, user_id LIMIT 5"
+
+echo
+if [ "${KEEP_SERVICES:-0}" = 1 ]; then
+  echo "[demo] services left running (KEEP_SERVICES=1). Look around:"
+  echo "  psql '$DATABASE_URL' -c 'SELECT * FROM user_logins_readable LIMIT 10'"
+  echo "  psql '$DATABASE_URL' -c 'SELECT reason, detail, masked_body FROM user_logins_quarantine'"
+  echo "Stop them with:  bash -c 'source scripts/services.sh; postgres_down; sqs_down'"
+else
+  echo "[demo] services this demo started are stopped on exit; KEEP_SERVICES=1 scripts/demo.sh keeps them"
+fi

@@ -75,7 +75,7 @@ async fn delete_chunk(client: &Client, queue_url: &str, chunk: &[Ack], max_backo
                 pending = retry;
             }
             Err(err) => {
-                tracing::warn!(error = %aws_sdk_sqs::Error::from(err), attempt, "delete failed; retrying");
+                tracing::warn!(error = %crate::error_chain(&err), attempt, "delete failed; retrying");
             }
         }
         if attempt < DELETE_ATTEMPTS {

@@ -115,7 +115,7 @@ async fn send_chunk(client: &Client, queue_url: &str, chunk: Vec<String>) -> Res
                     return Ok(total);
                 }
             }
-            Err(err) => tracing::warn!(error = %aws_sdk_sqs::Error::from(err), "send failed; retrying"),
+            Err(err) => tracing::warn!(error = %crate::error_chain(&err), "send failed; retrying"),
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }

@@ -187,7 +187,7 @@ pub async fn receive_loop(
                 metrics::error("source", "transient");
                 metrics::retry("source");
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %aws_sdk_sqs::Error::from(err), ?delay, "receive failed; retrying");
+                tracing::warn!(error = %crate::error_chain(&err), ?delay, "receive failed; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(delay) => continue,
@@ -292,7 +292,7 @@ async fn change_visibility(client: &Client, queue_url: &str, chunk: &[String], s
         }
         Err(err) => {
             metrics::error("visibility", "transient");
-            tracing::warn!(error = %aws_sdk_sqs::Error::from(err), messages = chunk.len(), "visibility change failed; retrying next round");
+            tracing::warn!(error = %crate::error_chain(&err), messages = chunk.len(), "visibility change failed; retrying next round");
             Vec::new()
         }
     };
