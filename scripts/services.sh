@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Starts (or reuses) the services loginflow needs, on loopback, without Docker:
 #   - a private PostgreSQL cluster (Debian's postgresql package, installed if missing)
+#   - a second, TLS-only cluster (`tls_postgres_up`: a throw-away CA made with openssl, `hostssl` only)
 #   - LocalStack's SQS in host mode (Python >= 3.13 venv), or moto's server as a fallback
 #
 # Source it, then call `services_up`; `services_down` stops only what it started.
 # Exports DATABASE_URL (the `postgres` database of the cluster) and AWS_ENDPOINT_URL.
 #
 # Settings: LOGINFLOW_STATE (venvs and logs, default ~/.cache/loginflow),
-#           PG_PORT (default 55432), SQS_PORT (default 4566), PG_FAST=1 (no fsync: tests only),
+#           PG_PORT (default 55432), PG_TLS_PORT (default 55433), SQS_PORT (default 4566), PG_FAST=1 (no fsync: tests only),
 #           LOGINFLOW_SQS=auto|localstack|moto (default auto: LocalStack when Python >= 3.13 is found, else moto).
 
 LOGINFLOW_STATE=${LOGINFLOW_STATE:-$HOME/.cache/loginflow}
 PG_PORT=${PG_PORT:-55432}
+PG_TLS_PORT=${PG_TLS_PORT:-55433}
 SQS_PORT=${SQS_PORT:-4566}
 LOCALSTACK_VERSION=${LOCALSTACK_VERSION:-2026.3.0}
 PG_DIR=${PG_DIR:-/var/tmp/loginflow-pg-$PG_PORT}
@@ -64,6 +66,57 @@ postgres_up() {
 postgres_down() {
   local bin; bin=$(_pg_bindir) || return 0
   _as_postgres "$bin/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+# A TLS-only cluster for the TLS tests: certificates from a throw-away CA (subjectAltName
+# localhost and 127.0.0.1), `hostssl ... trust` and `hostnossl ... reject`. Exports
+# TLS_DATABASE_URL (no TLS parameters: tests add sslmode/sslrootcert), TLS_CA_FILE (the
+# cluster's CA) and TLS_OTHER_CA_FILE (a CA that did not sign it).
+tls_postgres_up() {
+  local dir=/var/tmp/loginflow-pg-tls-$PG_TLS_PORT
+  local certs=$dir/certs
+  export TLS_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_TLS_PORT/postgres"
+  export TLS_CA_FILE=$certs/ca.pem TLS_OTHER_CA_FILE=$certs/other-ca.pem
+  if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p "$PG_TLS_PORT"; then
+    _log "TLS-only PostgreSQL already running on 127.0.0.1:$PG_TLS_PORT"
+    return 0
+  fi
+  local bin
+  bin=$(_pg_bindir) || { _install_postgres; bin=$(_pg_bindir); } || return 1
+  command -v openssl >/dev/null || { _log "openssl is needed to make the test CA"; return 1; }
+  mkdir -p "$certs"
+  if [ ! -f "$certs/server.pem" ]; then
+    _log "making a throw-away CA and server certificate in $certs"
+    local ca
+    for ca in ca other-ca; do
+      openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 -days 3650 \
+        -keyout "$certs/$ca.key" -out "$certs/$ca.pem" -subj "/CN=loginflow test $ca" \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null || return 1
+    done
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 \
+      -keyout "$certs/server.key" -out "$certs/server.csr" -subj "/CN=localhost" 2>/dev/null || return 1
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' \
+      >"$certs/server.ext"
+    openssl x509 -req -in "$certs/server.csr" -CA "$certs/ca.pem" -CAkey "$certs/ca.key" -CAcreateserial \
+      -days 825 -sha256 -extfile "$certs/server.ext" -out "$certs/server.pem" 2>/dev/null || return 1
+  fi
+  if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir"; chmod 700 "$dir"; fi
+  chmod 600 "$certs/server.key"
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    _as_postgres "$bin/initdb" -D "$dir/data" --auth=trust -U postgres -E UTF8 --locale=C.UTF-8 >/dev/null
+    printf 'local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n' >"$dir/data/pg_hba.conf"
+    [ "$(id -u)" = 0 ] && chown postgres "$dir/data/pg_hba.conf"
+  fi
+  local opts="-p $PG_TLS_PORT -k $dir -c listen_addresses=127.0.0.1 -c ssl=on"
+  opts="$opts -c ssl_cert_file=$certs/server.pem -c ssl_key_file=$certs/server.key -c fsync=off"
+  _as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -o "$opts" -w -t 60 start >/dev/null || return 1
+  _STARTED+=("tls_postgres")
+  _log "TLS-only PostgreSQL started on 127.0.0.1:$PG_TLS_PORT (CA: $TLS_CA_FILE)"
+}
+
+tls_postgres_down() {
+  local bin; bin=$(_pg_bindir) || return 0
+  _as_postgres "$bin/pg_ctl" -D "/var/tmp/loginflow-pg-tls-$PG_TLS_PORT/data" -m fast -w stop >/dev/null 2>&1 || true
 }
 
 _python_for_localstack() {
@@ -165,6 +218,7 @@ services_down() {
   for s in "${_STARTED[@]}"; do
     case $s in
       postgres) postgres_down ;;
+      tls_postgres) tls_postgres_down ;;
       sqs) sqs_down ;;
     esac
   done

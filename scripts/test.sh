@@ -14,6 +14,7 @@ cargo clippy --test chaos --quiet -- -D warnings
 trap services_down EXIT
 export PG_FAST=1
 services_up
+tls_postgres_up
 prometheus_installed
 
 export LOGINFLOW_TEST_DATABASE_URL="$DATABASE_URL"

@@ -85,7 +85,7 @@ pub struct DatabaseArgs {
     /// PostgreSQL URL, `postgres://user:pass@host:port/db`.
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", hide_env_values = true,
           default_value = "postgres://postgres@127.0.0.1:5432/postgres", value_parser = parse_database_url)]
-    pub database_url: tokio_postgres::Config,
+    pub database_url: crate::sink::Database,
 }
 
 /// `loginflow run`.
@@ -313,16 +313,8 @@ pub fn validate_queue_url(url: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err("expected postgres://user:pass@host:port/db".into());
-    }
-    let mut config: tokio_postgres::Config =
-        url.parse().map_err(|_| "expected postgres://user:pass@host:port/db".to_string())?;
-    if config.get_application_name().is_none() {
-        config.application_name("loginflow");
-    }
-    Ok(config)
+fn parse_database_url(url: &str) -> Result<crate::sink::Database, String> {
+    url.parse()
 }
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ pub enum RunError {
     MetricsAddr { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("--drain did not finish within DRAIN_TIMEOUT_SECS ({timeout_secs} s): {held} messages were still held, and the queue reported {queue}")]
     DrainTimeout { timeout_secs: u64, held: usize, queue: String, summary: Box<RunSummary> },
+    #[error("cannot use the database in DATABASE_URL: {0}")]
+    Database(crate::sink::SinkError),
 }
 
 /// What became of one message.
@@ -302,7 +304,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
 
     tokio::pin!(shutdown);
     tokio::select! {
-        () = migrate_with_retry(&sink, args.retry_max_backoff()) => {}
+        migrated = migrate_with_retry(&sink, args.retry_max_backoff()) => migrated.map_err(RunError::Database)?,
         () = &mut shutdown => {
             tracing::info!("shut down before the schema was ready; nothing was received");
             background.cancel();
@@ -448,11 +450,15 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
     }
 }
 
-async fn migrate_with_retry(sink: &Sink, max_backoff: Duration) {
+/// Creates the schema, retrying while the database is unavailable. A certificate the
+/// settings do not trust, or credentials the server refuses, end startup instead: waiting
+/// will not change them.
+async fn migrate_with_retry(sink: &Sink, max_backoff: Duration) -> Result<(), crate::sink::SinkError> {
     let mut backoff = Backoff::new(max_backoff);
     loop {
         match sink.migrate().await {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
+            Err(err) if err.needs_operator() => return Err(err),
             Err(err) => {
                 metrics::error("sink", "transient");
                 metrics::retry("sink");

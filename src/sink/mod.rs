@@ -13,6 +13,7 @@
 //! record that not even the quarantine table accepts is reported as unstorable, so its
 //! message can be released to the queue's redrive policy. Every write has a deadline.
 
+pub mod connect;
 pub mod errors;
 
 use std::time::Duration;
@@ -23,10 +24,10 @@ use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::mask::{MaskedLogin, QuarantineRecord};
+pub use connect::Database;
 use errors::{classify, sqlstate, ErrorClass};
 
 /// Default deadline of one window's write, all its transactions included.
@@ -70,14 +71,29 @@ ON CONFLICT (message_id) DO NOTHING";
 /// Errors that fail a whole window: the database is unavailable or busy. The window is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("no database connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("no database connection: {}", describe_pool_error(.0))]
+    Pool(deadpool_postgres::PoolError),
     #[error("database unavailable: {0}")]
     Database(#[from] tokio_postgres::Error),
     #[error("write did not finish within {0:?}; cancelled and rolled back")]
     Timeout(Duration),
     #[error("write cancelled by shutdown; rolled back")]
     Cancelled,
+}
+
+impl SinkError {
+    /// A connection refused for a reason retrying cannot fix: the server's certificate is not
+    /// trusted by the TLS settings, or authentication failed.
+    pub fn needs_operator(&self) -> bool {
+        let SinkError::Pool(deadpool_postgres::PoolError::Backend(err)) = self else { return false };
+        matches!(connect::connect_failure(err), Some(connect::CERTIFICATE_FAILED | connect::AUTHENTICATION_FAILED))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for SinkError {
+    fn from(err: deadpool_postgres::PoolError) -> SinkError {
+        SinkError::Pool(err)
+    }
 }
 
 /// What one window's write stored.
@@ -118,24 +134,27 @@ pub enum WriteMethod {
 #[derive(Clone)]
 pub struct Sink {
     pool: Pool,
-    config: tokio_postgres::Config,
+    database: Database,
     flush_timeout: Duration,
 }
 
 impl Sink {
     /// A pool of up to `connections` connections (created lazily), with the default flush deadline.
-    pub fn new(config: tokio_postgres::Config, connections: usize) -> Sink {
-        Sink::with_flush_timeout(config, connections, DEFAULT_FLUSH_TIMEOUT)
+    pub fn new(database: Database, connections: usize) -> Sink {
+        Sink::with_flush_timeout(database, connections, DEFAULT_FLUSH_TIMEOUT)
     }
 
     /// A pool whose writes end within `flush_timeout`: each statement is also bounded by the
     /// server's `statement_timeout`, and connections use TCP keepalive, so a stalled or
     /// half-open connection becomes an error instead of a hang.
-    pub fn with_flush_timeout(mut config: tokio_postgres::Config, connections: usize, flush_timeout: Duration) -> Sink {
-        with_deadlines(&mut config, flush_timeout);
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Verified });
-        let connect_timeout = config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    pub fn with_flush_timeout(mut database: Database, connections: usize, flush_timeout: Duration) -> Sink {
+        with_deadlines(&mut database.config, flush_timeout);
+        let manager = Manager::from_config(
+            database.config.clone(),
+            database.tls.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Verified },
+        );
+        let connect_timeout = database.config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let pool = Pool::builder(manager)
             .max_size(connections)
             .runtime(Runtime::Tokio1)
@@ -144,7 +163,7 @@ impl Sink {
             .wait_timeout(Some(POOL_WAIT_TIMEOUT))
             .build()
             .expect("runtime is set, so timeouts are valid");
-        Sink { pool, config, flush_timeout }
+        Sink { pool, database, flush_timeout }
     }
 
     /// Creates or upgrades the schema.
@@ -157,7 +176,7 @@ impl Sink {
     /// (never one of the writers', so a busy sink does not look like an unreachable database).
     pub async fn ping(&self, timeout: Duration) -> bool {
         let check = async {
-            let (client, connection) = self.config.connect(NoTls).await.ok()?;
+            let (client, connection) = self.database.config.connect(self.database.tls.clone()).await.ok()?;
             let connection = tokio::spawn(connection);
             let answered = client.simple_query("SELECT 1").await.is_ok();
             drop(client);
@@ -206,7 +225,7 @@ impl Sink {
             () = cancel.cancelled() => Err(SinkError::Cancelled),
         };
         if matches!(outcome, Err(SinkError::Timeout(_) | SinkError::Cancelled)) {
-            discard(client);
+            discard(client, self.database.tls.clone());
         }
         outcome
     }
@@ -214,13 +233,24 @@ impl Sink {
 
 /// Drops a connection whose statement may still run: asks the server to cancel it (so a
 /// lock wait ends now), then closes the connection, which rolls the transaction back.
-fn discard(client: Object) {
+fn discard(client: Object, tls: tokio_postgres_rustls::MakeRustlsConnect) {
     let client = Object::take(client);
     let cancel = client.cancel_token();
     drop(client);
     tokio::spawn(async move {
-        let _ = tokio::time::timeout(Duration::from_secs(2), cancel.cancel_query(NoTls)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), cancel.cancel_query(tls)).await;
     });
+}
+
+/// A pool error with, for a failed connection, the step that failed (TCP, TLS, certificate, authentication).
+fn describe_pool_error(err: &deadpool_postgres::PoolError) -> String {
+    match err {
+        deadpool_postgres::PoolError::Backend(err) => match connect::connect_failure(err) {
+            Some(step) => format!("{step}: {}", crate::error_chain(err)),
+            None => crate::error_chain(err),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// Deadlines on the connection itself: statement timeout, TCP keepalive and user timeout.

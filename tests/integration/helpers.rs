@@ -36,14 +36,20 @@ fn short_id() -> String {
 impl TestEnv {
     /// A fresh database (no schema yet) and a fresh queue with a dead-letter queue.
     pub async fn new() -> TestEnv {
-        let admin_url = required_env("LOGINFLOW_TEST_DATABASE_URL");
+        TestEnv::on_server(&required_env("LOGINFLOW_TEST_DATABASE_URL")).await
+    }
+
+    /// A fresh database on the server of `admin_url` (its query parameters, TLS ones
+    /// included, are kept in the test's URL) and a fresh queue.
+    pub async fn on_server(admin_url: &str) -> TestEnv {
         let endpoint = required_env("AWS_ENDPOINT_URL");
         let id = short_id();
         let database = format!("lf_{id}");
-        let admin = connect(&admin_url).await;
+        let admin = connect(admin_url).await;
         admin.batch_execute(&format!("CREATE DATABASE {database}")).await.expect("create test database");
-        let (base, _) = admin_url.rsplit_once('/').expect("database URL has a path");
-        let database_url = format!("{base}/{database}");
+        let (url, query) = admin_url.split_once('?').map_or((admin_url, String::new()), |(u, q)| (u, format!("?{q}")));
+        let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+        let database_url = format!("{base}/{database}{query}");
 
         let sqs = loginflow::sqs::client(&sqs_args(&endpoint, "http://unused/0/unused")).await;
         let queue_url = loginflow::seed::ensure_queue(&sqs, &format!("test-{id}"), 5).await.expect("create queue");
@@ -242,8 +248,10 @@ pub fn sqs_args(endpoint: &str, queue_url: &str) -> SqsArgs {
     }
 }
 
+/// A connection with loginflow's own parsing of the URL (so TLS parameters work too).
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to postgres");
+    let database: loginflow::sink::Database = url.parse().expect("test database URL");
+    let (client, connection) = database.config.connect(database.tls).await.expect("connect to postgres");
     tokio::spawn(connection);
     client
 }
@@ -266,6 +274,21 @@ pub async fn dump_tables(db: &tokio_postgres::Client) -> String {
         }
     }
     text
+}
+
+/// Runs the `loginflow` binary against `env` with `args`, plus `extra_env`.
+pub async fn run_binary(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_loginflow"));
+    command
+        .args(args)
+        .envs(env.binary_env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in extra_env {
+        command.env(k, v);
+    }
+    tokio::time::timeout(DRAIN_TIMEOUT, command.output()).await.expect("binary finished in time").expect("binary ran")
 }
 
 /// Synthetic bodies from the project's generator.

@@ -4,3 +4,4 @@
 mod helpers;
 mod observability;
 mod pipeline;
+mod tls;

@@ -1,7 +1,6 @@
 //! The pipeline end to end, against real PostgreSQL and a real SQS emulator.
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 
 use chrono::{Duration as ChronoDuration, Utc};
 use loginflow::decode::{decode, AppVersion};
@@ -10,15 +9,6 @@ use secrecy::SecretString;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-
-async fn run_binary(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_loginflow"));
-    command.args(args).envs(env.binary_env()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    for (k, v) in extra_env {
-        command.env(k, v);
-    }
-    tokio::time::timeout(DRAIN_TIMEOUT, command.output()).await.expect("binary finished in time").expect("binary ran")
-}
 
 #[tokio::test]
 async fn sample_drains_into_masked_rows_and_quarantine_with_nothing_leaked() {
