@@ -21,7 +21,7 @@ async fn main() {
     let sqs_args = SqsArgs {
         queue_url: queue_url.clone(),
         aws_endpoint_url: std::env::var("AWS_ENDPOINT_URL").ok(),
-        aws_region: "us-east-1".into(),
+        aws_region: Some("us-east-1".into()),
         aws_access_key_id: None,
         aws_secret_access_key: None,
     };

@@ -39,6 +39,8 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Print synthetic login records as a JSON array (the shape of the task's sample).
     Generate(GenerateArgs),
+    /// Move dead-lettered messages back to the queue once the cause is fixed; prints a JSON report.
+    Redrive(RedriveArgs),
 }
 
 /// Log output format.
@@ -59,9 +61,10 @@ pub struct SqsArgs {
     #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "AWS_ENDPOINT_URL")]
     pub aws_endpoint_url: Option<String>,
 
-    /// AWS region.
-    #[arg(long, env = "AWS_REGION", value_name = "AWS_REGION", default_value = "us-east-1")]
-    pub aws_region: String,
+    /// AWS region. Unset: the region in QUEUE_URL's host name, else the standard chain
+    /// (profile, instance or container metadata), else us-east-1.
+    #[arg(long, env = "AWS_REGION", value_name = "AWS_REGION")]
+    pub aws_region: Option<String>,
 
     /// AWS access key id. With an endpoint set and no key, the emulator's "test" key is used.
     #[arg(long, env = "AWS_ACCESS_KEY_ID", value_name = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
@@ -217,6 +220,22 @@ pub struct SeedArgs {
     #[arg(long, env = "MAX_RECEIVE_COUNT", value_name = "MAX_RECEIVE_COUNT", default_value = "5",
           value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub max_receive_count: u16,
+}
+
+/// `loginflow redrive`.
+#[derive(Debug, Clone, Args)]
+pub struct RedriveArgs {
+    #[command(flatten)]
+    pub sqs: SqsArgs,
+
+    /// Dead-letter queue to empty (default: the one QUEUE_URL's redrive policy names).
+    #[arg(long, env = "DLQ_URL", value_name = "DLQ_URL")]
+    pub dlq_url: Option<String>,
+
+    /// `auto` uses SQS's message-move task and falls back to copying (receive, send, delete)
+    /// where the endpoint has no move tasks.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub method: crate::redrive::Method,
 }
 
 /// `loginflow generate`.

@@ -21,6 +21,7 @@ pub mod http;
 pub mod mask;
 pub mod metrics;
 pub mod pipeline;
+pub mod redrive;
 pub mod retry;
 pub mod schema;
 pub mod seed;

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use loginflow::config::{Cli, Command, LogFormat};
-use loginflow::{seed, sink::Sink, sqs};
+use loginflow::{redrive, seed, sink::Sink, sqs};
 use tracing::Level;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::prelude::*;
@@ -74,6 +74,17 @@ async fn main() -> anyhow::Result<()> {
                 None => seed::publish(&client, &queue_url, bodies).await?,
             };
             println!("published {sent} messages to {queue_url}");
+        }
+        Command::Redrive(args) => {
+            loginflow::config::validate_queue_url(&args.sqs.queue_url)?;
+            let client = sqs::client(&args.sqs).await;
+            let progress = |line: &str| eprintln!("redrive: {line}");
+            let report =
+                redrive::redrive(&client, &args.sqs.queue_url, args.dlq_url.as_deref(), args.method, progress).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if report.failed > 0 {
+                anyhow::bail!("{} messages could not be moved; they are still in the dead-letter queue", report.failed);
+            }
         }
         Command::Generate(args) => {
             let records: Vec<serde_json::Value> = seed::synthetic(args.count, args.rng_seed).collect();

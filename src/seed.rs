@@ -40,9 +40,18 @@ pub async fn ensure_queue(client: &Client, name: &str, max_receive_count: u16) -
             return Ok(url);
         }
     }
-    let dlq_url = client
-        .create_queue()
-        .queue_name(format!("{name}-dlq"))
+    // A FIFO queue (`.fifo`) needs a FIFO dead-letter queue: `<name>-dlq.fifo`.
+    let fifo = name.ends_with(FIFO_SUFFIX);
+    let dlq_name = format!("{}-dlq{}", name.trim_end_matches(FIFO_SUFFIX), if fifo { FIFO_SUFFIX } else { "" });
+    let fifo_attribute = |request: aws_sdk_sqs::operation::create_queue::builders::CreateQueueFluentBuilder| {
+        if fifo {
+            request.attributes(QueueAttributeName::FifoQueue, "true")
+        } else {
+            request
+        }
+    };
+    let dlq_url = fifo_attribute(client.create_queue())
+        .queue_name(dlq_name)
         .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
         .attributes(QueueAttributeName::MaximumMessageSize, MAX_MESSAGE_BYTES)
         .send()
@@ -61,8 +70,7 @@ pub async fn ensure_queue(client: &Client, name: &str, max_receive_count: u16) -
         .and_then(|mut attrs| attrs.remove(&QueueAttributeName::QueueArn))
         .unwrap_or_default();
     let redrive = json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receive_count.to_string() });
-    let created = client
-        .create_queue()
+    let created = fifo_attribute(client.create_queue())
         .queue_name(name)
         .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
         .attributes(QueueAttributeName::MaximumMessageSize, MAX_MESSAGE_BYTES)
@@ -103,9 +111,14 @@ async fn send_chunk(client: &Client, queue_url: &str, chunk: Vec<String>) -> Res
     let mut pending: Vec<(usize, String)> = chunk.into_iter().enumerate().collect();
     let total = pending.len();
     let mut backoff = Backoff::new(Duration::from_secs(2));
+    let fifo = queue_url.ends_with(FIFO_SUFFIX);
+    // Fixed before the first attempt, so a retried send is deduplicated by SQS.
+    let dedup_ids: Vec<String> = (0..total).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
     for _ in 0..SEND_ATTEMPTS {
         let entries = pending.iter().filter_map(|(i, body)| {
-            SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(body).build().ok()
+            let entry = SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(body);
+            let entry = if fifo { fifo_entry(entry, body, &dedup_ids[*i]) } else { entry };
+            entry.build().ok()
         });
         match client.send_message_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await {
             Ok(out) => {
@@ -120,6 +133,23 @@ async fn send_chunk(client: &Client, queue_url: &str, chunk: Vec<String>) -> Res
         tokio::time::sleep(backoff.next_delay()).await;
     }
     Err(SeedError::Unsent(pending.len()))
+}
+
+/// The name suffix of FIFO queues.
+const FIFO_SUFFIX: &str = ".fifo";
+
+/// A FIFO entry: grouped by the record's `user_id` (one user's logins stay in order),
+/// deduplicated by `dedup_id` (equal bodies are distinct events).
+fn fifo_entry(
+    entry: aws_sdk_sqs::types::builders::SendMessageBatchRequestEntryBuilder,
+    body: &str,
+    dedup_id: &str,
+) -> aws_sdk_sqs::types::builders::SendMessageBatchRequestEntryBuilder {
+    let group = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|record| record.get("user_id").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| "ungrouped".to_owned());
+    entry.message_group_id(group).message_deduplication_id(dedup_id)
 }
 
 /// Reads a JSON array file; each element becomes one message body.

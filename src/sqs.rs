@@ -26,20 +26,28 @@ pub async fn client(args: &SqsArgs) -> Client {
         }
         _ => None,
     };
-    let mut builder = match explicit {
+    // The queue's own region first: a client signs for one region, and QUEUE_URL may be in any.
+    let named = region_of_queue_url(&args.queue_url).or_else(|| args.aws_region.clone());
+    let (mut builder, region) = match explicit {
         Some(credentials) => {
-            aws_sdk_sqs::Config::builder().behavior_version(BehaviorVersion::latest()).credentials_provider(credentials)
+            let builder = aws_sdk_sqs::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .credentials_provider(credentials);
+            (builder, named.map(Region::new))
         }
         None => {
-            let shared = aws_config::defaults(BehaviorVersion::latest())
-                .region(Region::new(args.aws_region.clone()))
-                .load()
-                .await;
-            aws_sdk_sqs::config::Builder::from(&shared)
+            // The standard chain: environment, profile, web identity (IRSA), container and instance roles.
+            let mut loader = aws_config::defaults(BehaviorVersion::latest());
+            if let Some(region) = &named {
+                loader = loader.region(Region::new(region.clone()));
+            }
+            let shared = loader.load().await;
+            let region = shared.region().cloned();
+            (aws_sdk_sqs::config::Builder::from(&shared), region)
         }
     };
     builder = builder
-        .region(Region::new(args.aws_region.clone()))
+        .region(region.unwrap_or_else(|| Region::new(DEFAULT_REGION)))
         .timeout_config(timeouts)
         // Long polls legitimately send nothing for up to 20 s.
         .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
@@ -47,6 +55,25 @@ pub async fn client(args: &SqsArgs) -> Client {
         builder = builder.endpoint_url(endpoint);
     }
     Client::from_conf(builder.build())
+}
+
+/// The region used when neither QUEUE_URL, AWS_REGION nor the chain names one (emulators).
+const DEFAULT_REGION: &str = "us-east-1";
+
+/// The region in an AWS queue URL's host (`sqs.<region>.amazonaws.com`, or the legacy
+/// `<region>.queue.amazonaws.com`); `None` for other hosts (emulators).
+pub fn region_of_queue_url(queue_url: &str) -> Option<String> {
+    let host = queue_url.split("://").nth(1)?.split('/').next()?;
+    let host = host.split(':').next()?;
+    let labels: Vec<&str> = host.split('.').collect();
+    let region = match labels.as_slice() {
+        ["sqs", region, "amazonaws", ..] => region,
+        [region, "queue", "amazonaws", ..] => region,
+        _ => return None,
+    };
+    let plausible =
+        region.contains('-') && region.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    plausible.then(|| (*region).to_owned())
 }
 
 /// Approximate message counts of a queue.
@@ -90,4 +117,25 @@ pub async fn queue_depth(client: &Client, queue_url: &str) -> Result<QueueDepth,
         in_flight: count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
         delayed: count(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::region_of_queue_url;
+
+    #[test]
+    fn the_region_comes_from_an_aws_queue_url() {
+        let cases = [
+            ("https://sqs.eu-west-1.amazonaws.com/123456789012/logins", Some("eu-west-1")),
+            ("https://sqs.cn-north-1.amazonaws.com.cn/123456789012/logins", Some("cn-north-1")),
+            ("https://ap-southeast-2.queue.amazonaws.com/123456789012/logins", Some("ap-southeast-2")),
+            ("https://sqs.us-gov-west-1.amazonaws.com/123456789012/logins.fifo", Some("us-gov-west-1")),
+            ("http://localhost:4566/000000000000/login-queue", None),
+            ("http://127.0.0.1:4566/000000000000/login-queue", None),
+            ("https://sqs.amazonaws.com/123456789012/logins", None),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(region_of_queue_url(url).as_deref(), expected, "{url}");
+        }
+    }
 }

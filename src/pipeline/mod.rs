@@ -480,7 +480,7 @@ mod tests {
         let sqs_args = crate::config::SqsArgs {
             queue_url: "http://127.0.0.1:9/0/q".into(),
             aws_endpoint_url: Some("http://127.0.0.1:9".into()),
-            aws_region: "us-east-1".into(),
+            aws_region: Some("us-east-1".into()),
             aws_access_key_id: None,
             aws_secret_access_key: None,
         };

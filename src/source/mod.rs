@@ -74,7 +74,15 @@ impl Envelope {
             .and_then(|millis| millis.parse::<i64>().ok())
             .and_then(DateTime::from_timestamp_millis)
             .unwrap_or(now);
-        let message_id = message.message_id.unwrap_or_else(|| format!("receipt:{receipt_handle}"));
+        // A copy `loginflow redrive` made keeps its original id, so it is stored only once.
+        let redriven = message
+            .message_attributes
+            .as_ref()
+            .and_then(|attributes| attributes.get(crate::redrive::ORIGINAL_ID_ATTRIBUTE))
+            .and_then(|value| value.string_value())
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned);
+        let message_id = redriven.or(message.message_id).unwrap_or_else(|| format!("receipt:{receipt_handle}"));
         let body = message.body.unwrap_or_default();
         Some(Envelope { ack: Ack { message_id, receipt_handle }, body, sent_at, share: None })
     }
@@ -173,6 +181,7 @@ pub async fn receive_loop(
             .visibility_timeout(settings.visibility_timeout_secs as i32)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_attribute_names(crate::redrive::ORIGINAL_ID_ATTRIBUTE)
             .send();
         let result = tokio::select! {
             _ = stop.cancelled() => return,

@@ -172,7 +172,11 @@ impl TestEnv {
 
     /// The dead-letter queue's URL (made by `seed::ensure_queue` beside the queue).
     pub async fn dlq_url(&self) -> String {
-        let name = format!("{}-dlq", self.queue_url.rsplit('/').next().unwrap());
+        let queue = self.queue_url.rsplit('/').next().unwrap();
+        let name = match queue.strip_suffix(".fifo") {
+            Some(base) => format!("{base}-dlq.fifo"),
+            None => format!("{queue}-dlq"),
+        };
         self.sqs.get_queue_url().queue_name(name).send().await.expect("dlq").queue_url.expect("dlq url")
     }
 
@@ -242,7 +246,7 @@ pub fn sqs_args(endpoint: &str, queue_url: &str) -> SqsArgs {
     SqsArgs {
         queue_url: queue_url.to_owned(),
         aws_endpoint_url: Some(endpoint.to_owned()),
-        aws_region: "us-east-1".to_owned(),
+        aws_region: Some("us-east-1".to_owned()),
         aws_access_key_id: None,
         aws_secret_access_key: None,
     }

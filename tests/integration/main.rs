@@ -4,4 +4,5 @@
 mod helpers;
 mod observability;
 mod pipeline;
+mod redrive;
 mod tls;
