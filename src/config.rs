@@ -134,12 +134,14 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=43_200))]
     pub visibility_timeout_secs: u32,
 
-    /// Rows per batch (1..=10000): a batch is written when it has this many messages...
+    /// Most rows per window (1..=10000). A window is written as soon as a sink connection is
+    /// free, with whatever arrived meanwhile, so windows grow with load up to this size.
     #[arg(long, env = "BATCH_MAX_ROWS", value_name = "BATCH_MAX_ROWS", default_value = "1000",
           value_parser = count(1, 10_000))]
     pub batch_max_rows: usize,
 
-    /// ...or when its first message has waited this long, in milliseconds (1..=600000).
+    /// Upper bound, in milliseconds, on how long a window keeps taking new messages once its
+    /// first one arrived, for a stream that never pauses (1..=600000).
     #[arg(long, env = "BATCH_MAX_WAIT_MS", value_name = "BATCH_MAX_WAIT_MS", default_value = "500",
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub batch_max_wait_ms: u64,

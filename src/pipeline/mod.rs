@@ -1,7 +1,7 @@
 //! The pipeline, wired as the spec draws it:
 //!
 //! ```text
-//! SQS pollers ─► decode+validate ─► dedup ─► mask ─► window (rows|time) ─► Postgres sink ─► SQS delete
+//! SQS pollers ─► decode+validate ─► dedup ─► mask ─► window (grows with load) ─► Postgres sink ─► SQS delete
 //!                     └─ invalid ─► quarantine (same transaction as its batch) ─────────────► SQS delete
 //! ```
 //!
@@ -12,6 +12,7 @@
 
 mod drain;
 mod summary;
+mod windows;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::{stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,6 +40,8 @@ use summary::Stats;
 
 /// After the grace period, how long cancelled work may take to unwind before `run` returns anyway.
 const ABORT_WAIT: Duration = Duration::from_secs(3);
+/// Committed windows whose deletes may run at once, beside the next windows' writes.
+const ACK_WINDOWS: usize = 4;
 /// How long `run` waits for its background tasks (pollers, probes, extender) at the end.
 const TASKS_WAIT: Duration = Duration::from_secs(2);
 
@@ -176,14 +179,21 @@ impl Stages {
     /// Writes one window (retrying while the database is unavailable, until it commits or
     /// shutdown gives up), then deletes the messages it stored, releases those it could not
     /// store for the dead-letter queue, and remembers the stored ones as committed.
-    async fn flush(&self, items: Vec<Item>) {
+    ///
+    /// `connection` is the window's sink slot: it is given back right after the commit (once
+    /// a place among the [`ACK_WINDOWS`] acknowledging windows is free), so the next window is
+    /// written while this one's deletes run.
+    async fn flush(&self, items: Vec<Item>, connection: OwnedSemaphorePermit, acknowledging: &Semaphore) {
         let started = Instant::now();
         let window = Window::split(items);
         let Some(committed) = self.write_with_retry(&window).await else {
+            drop(connection);
             self.abandon(window.receipts().map(str::to_owned).collect()).await;
             return;
         };
         self.record_commit(&window, &committed, started);
+        let _acknowledging = acknowledging.acquire().await;
+        drop(connection);
 
         let unstorable: HashSet<&str> = committed.unstorable.iter().map(String::as_str).collect();
         let is_stored = |ack: &Ack| !unstorable.contains(ack.message_id.as_str());
@@ -391,14 +401,18 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         })
         .buffered(args.mask_concurrency)
         .flat_map(stream::iter);
-    let windows = tokio_stream::StreamExt::chunks_timeout(masked, args.batch_max_rows, args.batch_max_wait());
-    let pipeline = windows
-        .map(move |batch| {
+    let acknowledging = Arc::new(Semaphore::new(ACK_WINDOWS));
+    let pipeline = windows::write_in_windows(
+        masked,
+        args.batch_max_rows,
+        args.batch_max_wait(),
+        args.sink_connections,
+        move |window, connection| {
             let stages = flush_stage.clone();
-            async move { stages.flush(batch).await }
-        })
-        .buffer_unordered(args.sink_connections)
-        .for_each(|()| async {});
+            let acknowledging = acknowledging.clone();
+            async move { stages.flush(window, connection, &acknowledging).await }
+        },
+    );
     tokio::pin!(pipeline);
 
     let drain_deadline = async {
