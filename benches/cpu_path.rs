@@ -1,5 +1,7 @@
 //! CPU path benches: decode + validate, dedup (hit and miss), mask, and the whole path
-//! (decode + validate + dedup + mask + windowing) over a realistic mix, on one and two threads.
+//! (decode + validate + dedup + mask + windowing) over a realistic mix, on one and two threads,
+//! with the PII vault off and on (sealing with an in-memory data key: KMS is asked once per
+//! rotation interval, never per message, so it has no place on this path).
 //! No I/O. Run: `cargo bench --bench cpu_path`.
 
 use std::time::Duration;
@@ -15,6 +17,7 @@ use loginflow::dedup::Dedup;
 use loginflow::mask::{Masker, MessageMeta};
 use loginflow::pipeline::{Item, Transform};
 use loginflow::source::{Ack, Envelope};
+use loginflow::vault::{DataKey, Vault};
 use secrecy::SecretString;
 
 const MESSAGES: usize = 10_000;
@@ -38,14 +41,24 @@ fn envelopes() -> Vec<Envelope> {
         .collect()
 }
 
-fn transform() -> Transform {
+fn transform(vault: bool) -> Transform {
     let masker = Masker::new(&SecretString::from("bench-key-bench-key-bench-key-0123"));
     let dedup = Dedup::new(200_000, Duration::from_secs(3600));
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let committed: Vec<u128> =
         (0..MESSAGES).step_by(DUPLICATE_EVERY).map(|i| dedup.fingerprint(&format!("committed-{i}"))).collect();
     runtime.block_on(dedup.mark_committed(committed));
-    Transform { masker, dedup, input_format: loginflow::source::envelope::InputFormat::Auto }
+    let vault = vault.then(|| {
+        let kms = aws_sdk_kms::Client::from_conf(
+            aws_sdk_kms::Config::builder()
+                .behavior_version(aws_sdk_kms::config::BehaviorVersion::latest())
+                .region(aws_sdk_kms::config::Region::new("us-east-1"))
+                .build(),
+        );
+        let key = DataKey::from_plaintext(uuid::Uuid::new_v4(), vec![9u8; 32]).unwrap();
+        std::sync::Arc::new(Vault::with_data_key(kms, "alias/bench".into(), key))
+    });
+    Transform { masker, dedup, input_format: loginflow::source::envelope::InputFormat::Auto, vault }
 }
 
 /// The pipeline's shape: receive batches of 10 in, windows of 1 000 items out.
@@ -67,7 +80,7 @@ fn cpu_path(transform: &Transform, messages: Vec<Envelope>) -> Vec<Vec<Item>> {
 }
 
 fn stages(c: &mut Criterion) {
-    let transform = transform();
+    let transform = transform(false);
     let messages = envelopes();
     let bodies: Vec<String> = messages.iter().map(|e| e.body.clone()).collect();
 
@@ -107,10 +120,22 @@ fn stages(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("cpu_path");
     group.throughput(Throughput::Elements(MESSAGES as u64));
-    group.bench_function("one_thread", |b| {
-        b.iter_batched(envelopes, |messages| cpu_path(&transform, messages), BatchSize::LargeInput)
-    });
-    group.bench_function("two_threads", |b| {
+    let sealing = self::transform(true);
+    for (name, transform) in [("", &transform), ("_vault", &sealing)] {
+        group.bench_function(format!("one_thread{name}"), |b| {
+            b.iter_batched(envelopes, |messages| cpu_path(transform, messages), BatchSize::LargeInput)
+        });
+        two_threads(&mut group, &format!("two_threads{name}"), transform);
+    }
+    group.finish();
+}
+
+fn two_threads(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    transform: &Transform,
+) {
+    group.bench_function(name, |b| {
         b.iter_batched(
             || {
                 let mut first = envelopes();
@@ -119,15 +144,14 @@ fn stages(c: &mut Criterion) {
             },
             |(first, second)| {
                 std::thread::scope(|scope| {
-                    let a = scope.spawn(|| cpu_path(&transform, first));
-                    let b = cpu_path(&transform, second);
+                    let a = scope.spawn(|| cpu_path(transform, first));
+                    let b = cpu_path(transform, second);
                     (a.join().unwrap(), b)
                 })
             },
             BatchSize::LargeInput,
         )
     });
-    group.finish();
 }
 
 criterion_group! {

@@ -26,6 +26,8 @@ fn parse(line: &str) -> MaskedLogin {
         app_version: f[6].parse().expect("app_version"),
         app_version_text: f[7].into(),
         sent_at: DateTime::parse_from_rfc3339(f[8]).expect("sent_at").with_timezone(&Utc),
+        mask_key_id: "loadtest".into(),
+        sealed: None,
     }
 }
 

@@ -35,6 +35,20 @@ seeded=$("$bin" seed --file "$SAMPLE")
 echo "[demo] $seeded"
 export QUEUE_URL=${seeded##* to }
 
+# The PII vault (SPEC §4b) with a throw-away KMS key on the emulator, unless one is given.
+if [ -z "${PII_KMS_KEY_ID:-}" ]; then
+  py=python3 # the emulator's venv has boto3
+  for candidate in "$LOGINFLOW_STATE"/localstack-*/bin/python "$LOGINFLOW_STATE"/moto/bin/python; do
+    [ -x "$candidate" ] && { py=$candidate; break; }
+  done
+  PII_KMS_KEY_ID=$(AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test "$py" -c "
+import boto3, sys
+kms = boto3.client('kms', endpoint_url=sys.argv[1], region_name='us-east-1')
+print(kms.create_key(Description='loginflow demo vault (throw-away)')['KeyMetadata']['KeyId'])" "$AWS_ENDPOINT_URL")
+  export PII_KMS_KEY_ID
+  echo "[demo] PII vault on with a throw-away KMS key on the emulator: $PII_KMS_KEY_ID"
+fi
+
 echo "[demo] loginflow run --drain"
 export METRICS_ADDR=${METRICS_ADDR:-127.0.0.1:0} RECEIVE_WAIT_SECS=${RECEIVE_WAIT_SECS:-2}
 summary=$(timeout 300 "$bin" run --drain)
@@ -54,6 +68,13 @@ psql -q "$DATABASE_URL" -P footer=off -c "
   SELECT user_id, device_type, left(masked_ip, 16) || '…' AS masked_ip,
          left(masked_device_id, 16) || '…' AS masked_device_id, locale, app_version, app_version_string, create_date
   FROM user_logins_readable ORDER BY sent_at, user_id LIMIT 5"
+
+
+echo
+echo "== the vault: who is behind a demo row? (loginflow reveal, audited)"
+demo_id=$(psql -qAt "$DATABASE_URL" -c "SELECT message_id FROM user_logins ORDER BY sent_at, user_id LIMIT 1")
+"$bin" reveal --message-id "$demo_id" --reason "demo: show one recovery"
+psql -q "$DATABASE_URL" -P footer=off -c "SELECT at, who, why, action, message_ids FROM pii_access_log ORDER BY id DESC LIMIT 1"
 
 echo
 if [ "${KEEP_SERVICES:-0}" = 1 ]; then

@@ -2,7 +2,7 @@
 # Starts (or reuses) the services loginflow needs, on loopback, without Docker:
 #   - a private PostgreSQL cluster (Debian's postgresql package, installed if missing)
 #   - a second, TLS-only cluster (`tls_postgres_up`: a throw-away CA made with openssl, `hostssl` only)
-#   - LocalStack's SQS in host mode (Python >= 3.13 venv), or moto's server as a fallback
+#   - LocalStack's SQS and KMS in host mode (Python >= 3.13 venv), or moto's server as a fallback
 #
 # Source it, then call `services_up`; `services_down` stops only what it started.
 # Exports DATABASE_URL (the `postgres` database of the cluster) and AWS_ENDPOINT_URL.
@@ -131,7 +131,14 @@ _python_for_localstack() {
 }
 
 _sqs_healthy() {
-  curl -fsS "http://127.0.0.1:$SQS_PORT/_localstack/health" 2>/dev/null | grep -q '"sqs": "\(available\|running\)"' && return 0
+  local health
+  health=$(curl -fsS "http://127.0.0.1:$SQS_PORT/_localstack/health" 2>/dev/null)
+  if [ -n "$health" ]; then
+    # LocalStack: SQS and KMS (the PII vault) both needed.
+    echo "$health" | grep -q '"sqs": "\(available\|running\)"' &&
+      echo "$health" | grep -q '"kms": "\(available\|running\)"'
+    return
+  fi
   # moto answers a ListQueues call.
   curl -fsS -X POST -H 'X-Amz-Target: AmazonSQS.ListQueues' -H 'Content-Type: application/x-amz-json-1.0' \
     -d '{}' "http://127.0.0.1:$SQS_PORT/" >/dev/null 2>&1
@@ -141,8 +148,12 @@ sqs_up() {
   export AWS_ENDPOINT_URL="http://127.0.0.1:$SQS_PORT"
   export AWS_REGION=${AWS_REGION:-us-east-1}
   if _sqs_healthy; then
-    _log "an SQS endpoint is already running on 127.0.0.1:$SQS_PORT"
+    _log "an SQS/KMS endpoint is already running on 127.0.0.1:$SQS_PORT"
     return 0
+  fi
+  if curl -fsS "http://127.0.0.1:$SQS_PORT/_localstack/health" >/dev/null 2>&1; then
+    _log "the LocalStack on 127.0.0.1:$SQS_PORT has no KMS: restarting it (it must be one this script started)"
+    sqs_down
   fi
   mkdir -p "$LOGINFLOW_STATE"
   local py=""
@@ -161,7 +172,7 @@ sqs_up() {
         { _log "LocalStack install failed (see $LOGINFLOW_STATE/localstack-install.log)"; return 1; }
     fi
     mkdir -p "$LOGINFLOW_STATE/localstack-volume"
-    SERVICES=sqs GATEWAY_LISTEN="127.0.0.1:$SQS_PORT" SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 \
+    SERVICES=sqs,kms GATEWAY_LISTEN="127.0.0.1:$SQS_PORT" SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 \
       SKIP_SSL_CERT_DOWNLOAD=1 DISABLE_EVENTS=1 LOCALSTACK_HOST="127.0.0.1:$SQS_PORT" LOCALSTACK_VOLUME_DIR="$LOGINFLOW_STATE/localstack-volume" \
       nohup "$venv/bin/python" -m localstack.runtime.main >"$LOGINFLOW_STATE/localstack.log" 2>&1 &
     echo $! >"$LOGINFLOW_STATE/sqs.pid"

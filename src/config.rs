@@ -41,6 +41,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Move dead-lettered messages back to the queue once the cause is fixed; prints a JSON report.
     Redrive(RedriveArgs),
+    /// Open sealed PII from the vault (needs kms:Decrypt); one JSON line per row; audited.
+    Reveal(RevealArgs),
+    /// Erase a user's sealed PII from the vault (masks stay); audited.
+    Forget(ForgetArgs),
 }
 
 /// Log output format.
@@ -185,6 +189,16 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub drain_timeout_secs: u64,
 
+    /// KMS key (id, ARN or alias) of the PII vault: raw values are sealed under data keys it
+    /// wraps. Unset: the vault is off and raw values are kept nowhere.
+    #[arg(long, env = "PII_KMS_KEY_ID", value_name = "PII_KMS_KEY_ID")]
+    pub pii_kms_key_id: Option<String>,
+
+    /// How often the vault asks KMS for a new data key, in seconds (60..=2592000).
+    #[arg(long, env = "PII_KEY_ROTATION_SECS", value_name = "PII_KEY_ROTATION_SECS", default_value = "3600",
+          value_parser = clap::value_parser!(u64).range(60..=2_592_000))]
+    pub pii_key_rotation_secs: u64,
+
     /// After SIGINT/SIGTERM, how long in-flight work may take to finish, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", value_name = "SHUTDOWN_GRACE_SECS", default_value = "30",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -238,6 +252,52 @@ pub struct RedriveArgs {
     /// where the endpoint has no move tasks.
     #[arg(long, value_enum, default_value = "auto")]
     pub method: crate::redrive::Method,
+}
+
+/// `loginflow reveal`: exactly one of the lookups.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("lookup").required(true).args(["message_id", "user_id", "masked_ip", "masked_device_id"])))]
+pub struct RevealArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// AWS settings for KMS (QUEUE_URL is not used).
+    #[command(flatten)]
+    pub aws: SqsArgs,
+    /// Why the values are needed (recorded in pii_access_log).
+    #[arg(long, value_name = "TEXT", value_parser = non_empty)]
+    pub reason: String,
+    /// Message ids to open (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub message_id: Vec<String>,
+    /// Every row of this user.
+    #[arg(long, value_name = "USER_ID")]
+    pub user_id: Option<String>,
+    /// Every row with this masked IP: who is behind it?
+    #[arg(long, value_name = "HEX")]
+    pub masked_ip: Option<String>,
+    /// Every row with this masked device id.
+    #[arg(long, value_name = "HEX")]
+    pub masked_device_id: Option<String>,
+}
+
+/// `loginflow forget`.
+#[derive(Debug, Clone, Args)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The user whose sealed values are erased.
+    #[arg(long, value_name = "USER_ID")]
+    pub user_id: String,
+    /// Why (recorded in pii_access_log).
+    #[arg(long, value_name = "TEXT", value_parser = non_empty)]
+    pub reason: String,
+}
+
+fn non_empty(value: &str) -> Result<String, String> {
+    match value.trim() {
+        "" => Err("must not be empty".into()),
+        text => Ok(text.to_owned()),
+    }
 }
 
 /// `loginflow generate`.
@@ -319,6 +379,9 @@ impl RunArgs {
     }
     pub fn flush_timeout(&self) -> Duration {
         Duration::from_secs(self.flush_timeout_secs)
+    }
+    pub fn pii_key_rotation(&self) -> Duration {
+        Duration::from_secs(self.pii_key_rotation_secs)
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)

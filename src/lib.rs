@@ -28,6 +28,7 @@ pub mod seed;
 pub mod sink;
 pub mod source;
 pub mod sqs;
+pub mod vault;
 
 pub use pipeline::{run, RunError, RunSummary};
 

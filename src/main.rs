@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use loginflow::config::{Cli, Command, LogFormat};
+use loginflow::vault::commands::{self, Lookup};
 use loginflow::{redrive, seed, sink::Sink, sqs};
 use tracing::Level;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
@@ -86,12 +87,46 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{} messages could not be moved; they are still in the dead-letter queue", report.failed);
             }
         }
+        Command::Reveal(args) => {
+            let lookup = match (args.message_id, args.user_id, args.masked_ip, args.masked_device_id) {
+                (ids, None, None, None) if !ids.is_empty() => Lookup::MessageIds(ids),
+                (_, Some(user), None, None) => Lookup::UserId(user),
+                (_, None, Some(mask), None) => Lookup::MaskedIp(mask),
+                (_, None, None, Some(mask)) => Lookup::MaskedDeviceId(mask),
+                _ => anyhow::bail!("give exactly one of --message-id, --user-id, --masked-ip, --masked-device-id"),
+            };
+            let kms = aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws).await);
+            let mut client = vault_connection(&args.database).await?;
+            let revealed = commands::reveal(&mut client, &kms, &lookup, &args.reason).await?;
+            for row in &revealed {
+                println!("{}", serde_json::to_string(row)?);
+            }
+            eprintln!("revealed {} rows; the access is recorded in pii_access_log", revealed.len());
+        }
+        Command::Forget(args) => {
+            let mut client = vault_connection(&args.database).await?;
+            let erased = commands::forget(&mut client, &args.user_id, &args.reason).await?;
+            println!(
+                "{}",
+                serde_json::json!({ "user_id": args.user_id, "erased": erased.len(), "message_ids": erased })
+            );
+        }
         Command::Generate(args) => {
             let records: Vec<serde_json::Value> = seed::synthetic(args.count, args.rng_seed).collect();
             println!("{}", serde_json::to_string_pretty(&records)?);
         }
     }
     Ok(())
+}
+
+/// A connection for the vault's commands, with the schema in place.
+async fn vault_connection(args: &loginflow::config::DatabaseArgs) -> anyhow::Result<tokio_postgres::Client> {
+    let database = &args.database_url;
+    let (mut client, connection) =
+        database.config.connect(database.tls.clone()).await.context("cannot connect to DATABASE_URL")?;
+    tokio::spawn(connection);
+    loginflow::schema::migrate(&mut client).await.context("migration failed")?;
+    Ok(client)
 }
 
 fn summary_json(summary: &loginflow::RunSummary) -> serde_json::Value {

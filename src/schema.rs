@@ -51,6 +51,37 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
     END
 $fn$;
 
+-- How each row was made (SPEC §4b): which mask key, which loginflow version.
+ALTER TABLE user_logins
+    ADD COLUMN IF NOT EXISTS mask_key_id       text,
+    ADD COLUMN IF NOT EXISTS transform_version text;
+ALTER TABLE user_logins_quarantine
+    ADD COLUMN IF NOT EXISTS mask_key_id       text,
+    ADD COLUMN IF NOT EXISTS transform_version text;
+-- The PII vault (src/vault): KMS-wrapped data keys, sealed values apart from user_logins so
+-- that privileges can differ, and an audit row for every access.
+CREATE TABLE IF NOT EXISTS pii_data_keys (
+    id          uuid PRIMARY KEY,
+    kms_key_id  text NOT NULL,
+    wrapped_key bytea NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS user_logins_pii (
+    message_id       text PRIMARY KEY,
+    data_key_id      uuid NOT NULL REFERENCES pii_data_keys (id),
+    sealed_ip        bytea,
+    sealed_device_id bytea,
+    sealed_body      bytea,
+    erased_at        timestamptz
+);
+CREATE TABLE IF NOT EXISTS pii_access_log (
+    id          bigserial PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT now(),
+    who         text NOT NULL,
+    why         text NOT NULL,
+    action      text NOT NULL,
+    message_ids text[] NOT NULL
+);
 -- For analysts: every column, with app_version readable.
 CREATE OR REPLACE VIEW user_logins_readable AS
 SELECT user_id, device_type, masked_ip, masked_device_id, locale,
@@ -61,7 +92,7 @@ FROM user_logins;
 "#;
 
 /// Marks a schema this version of loginflow created (a comment on `user_logins`).
-pub const SCHEMA_VERSION: &str = "loginflow schema 1";
+pub const SCHEMA_VERSION: &str = "loginflow schema 2";
 
 /// Creates or upgrades the schema. Safe to run concurrently and repeatedly. When the schema
 /// is already current it takes no table lock, so a replica starting up never stalls the

@@ -11,9 +11,11 @@ use secrecy::ExposeSecret;
 
 use crate::config::SqsArgs;
 
-/// Builds an SQS client. With an endpoint (an emulator) and no credentials, the
-/// emulator's `test` key is used so the SDK never probes instance metadata.
-pub async fn client(args: &SqsArgs) -> Client {
+/// The AWS configuration every client (SQS, KMS) is built from. With an endpoint (an
+/// emulator) and no credentials, the emulator's `test` key is used so the SDK never probes
+/// instance metadata; otherwise the standard chain (environment, profile, web identity /
+/// IRSA, container and instance roles).
+pub async fn sdk_config(args: &SqsArgs) -> aws_config::SdkConfig {
     // A long poll lasts up to 20 s; anything much longer than that is a dead connection.
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(3))
@@ -27,34 +29,33 @@ pub async fn client(args: &SqsArgs) -> Client {
         _ => None,
     };
     // The queue's own region first: a client signs for one region, and QUEUE_URL may be in any.
-    let named = region_of_queue_url(&args.queue_url).or_else(|| args.aws_region.clone());
-    let (mut builder, region) = match explicit {
-        Some(credentials) => {
-            let builder = aws_sdk_sqs::Config::builder()
-                .behavior_version(BehaviorVersion::latest())
-                .credentials_provider(credentials);
-            (builder, named.map(Region::new))
-        }
-        None => {
-            // The standard chain: environment, profile, web identity (IRSA), container and instance roles.
-            let mut loader = aws_config::defaults(BehaviorVersion::latest());
-            if let Some(region) = &named {
-                loader = loader.region(Region::new(region.clone()));
-            }
-            let shared = loader.load().await;
-            let region = shared.region().cloned();
-            (aws_sdk_sqs::config::Builder::from(&shared), region)
-        }
-    };
-    builder = builder
-        .region(region.unwrap_or_else(|| Region::new(DEFAULT_REGION)))
+    // An emulator with no region named gets the default without asking instance metadata.
+    let named = region_of_queue_url(&args.queue_url)
+        .or_else(|| args.aws_region.clone())
+        .or_else(|| args.aws_endpoint_url.as_ref().map(|_| DEFAULT_REGION.to_owned()));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(timeouts)
         // Long polls legitimately send nothing for up to 20 s.
         .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
-    if let Some(endpoint) = &args.aws_endpoint_url {
-        builder = builder.endpoint_url(endpoint);
+    if let Some(credentials) = explicit {
+        loader = loader.credentials_provider(credentials);
     }
-    Client::from_conf(builder.build())
+    if let Some(region) = named {
+        loader = loader.region(Region::new(region));
+    }
+    if let Some(endpoint) = &args.aws_endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let config = loader.load().await;
+    match config.region() {
+        Some(_) => config,
+        None => config.into_builder().region(Region::new(DEFAULT_REGION)).build(),
+    }
+}
+
+/// Builds an SQS client from [`sdk_config`].
+pub async fn client(args: &SqsArgs) -> Client {
+    Client::new(&sdk_config(args).await)
 }
 
 /// The region used when neither QUEUE_URL, AWS_REGION nor the chain names one (emulators).

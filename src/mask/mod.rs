@@ -10,7 +10,13 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use sha2::Sha256;
 
+use std::sync::Arc;
+
 use crate::decode::{Reason, Rejection, ValidLogin};
+use crate::vault::Sealed;
+
+/// What [`Masker::key_id`] masks.
+const KEY_ID_INPUT: &str = "loginflow mask key id";
 
 pub mod scrub;
 
@@ -19,6 +25,7 @@ pub mod scrub;
 pub struct Masker {
     // The keyed state after absorbing the key; cloning it skips re-keying per value.
     keyed: Hmac<Sha256>,
+    key_id: Arc<str>,
 }
 
 impl std::fmt::Debug for Masker {
@@ -32,7 +39,15 @@ impl Masker {
     pub fn new(key: &SecretString) -> Masker {
         let keyed =
             Hmac::<Sha256>::new_from_slice(key.expose_secret().as_bytes()).expect("HMAC accepts keys of any length");
-        Masker { keyed }
+        let mut masker = Masker { keyed, key_id: Arc::from("") };
+        masker.key_id = Arc::from(&masker.mask(KEY_ID_INPUT)[..16]);
+        masker
+    }
+
+    /// Names the key without revealing it: the start of the mask of a fixed string. Recorded
+    /// on every row (`mask_key_id`), so rows masked under different keys can be told apart.
+    pub fn key_id(&self) -> &Arc<str> {
+        &self.key_id
     }
 
     /// Lower-case hex HMAC-SHA256 of `value`.
@@ -55,6 +70,8 @@ impl Masker {
             locale: login.locale,
             app_version: login.app_version.code,
             app_version_text: login.app_version.text,
+            mask_key_id: self.key_id.clone(),
+            sealed: None,
         }
     }
 
@@ -66,6 +83,8 @@ impl Masker {
             detail: rejection.detail,
             masked_body: self.mask_body(body),
             sent_at: meta.sent_at,
+            mask_key_id: self.key_id.clone(),
+            sealed: None,
         }
     }
 
@@ -95,6 +114,12 @@ pub struct MaskedLogin {
     pub app_version: i32,
     pub app_version_text: String,
     pub sent_at: DateTime<Utc>,
+    /// [`Masker::key_id`] of the key that made the masks.
+    #[serde(skip)]
+    pub mask_key_id: Arc<str>,
+    /// The raw `ip` and `device_id`, sealed for the vault (when it is on).
+    #[serde(skip)]
+    pub sealed: Option<Sealed>,
 }
 
 impl MaskedLogin {
@@ -113,6 +138,9 @@ pub struct QuarantineRecord {
     /// The body with every PII value masked.
     pub masked_body: String,
     pub sent_at: DateTime<Utc>,
+    pub mask_key_id: Arc<str>,
+    /// The raw body (or a refused login's raw values), sealed for the vault (when it is on).
+    pub sealed: Option<Sealed>,
 }
 
 impl QuarantineRecord {
@@ -124,6 +152,8 @@ impl QuarantineRecord {
             detail: Some(sqlstate.to_owned()),
             masked_body: serde_json::to_string(login).unwrap_or_default(),
             sent_at: login.sent_at,
+            mask_key_id: login.mask_key_id.clone(),
+            sealed: login.sealed.clone(),
         }
     }
 }

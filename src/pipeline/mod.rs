@@ -34,6 +34,7 @@ use crate::retry::Backoff;
 use crate::sink::{Committed, Sink, SinkError};
 use crate::source::envelope::{self, InputFormat, Unwrapped};
 use crate::source::{Ack, Budget, Envelope, InFlight, ReceiveSettings, Share};
+use crate::vault::{DataKey, Vault};
 use crate::{ack, http, metrics, source, sqs};
 pub use summary::RunSummary;
 use summary::Stats;
@@ -56,6 +57,8 @@ pub enum RunError {
     DrainTimeout { timeout_secs: u64, held: usize, queue: String, summary: Box<RunSummary> },
     #[error("cannot use the database in DATABASE_URL: {0}")]
     Database(crate::sink::SinkError),
+    #[error("cannot open the PII vault (PII_KMS_KEY_ID): {0}")]
+    Vault(crate::vault::VaultError),
 }
 
 /// What became of one message.
@@ -77,20 +80,23 @@ pub struct Item {
     pub share: Option<Share>,
 }
 
-/// The CPU stages, without I/O: unwrap (SNS), decode + validate, dedup, mask.
+/// The CPU stages, without I/O: unwrap (SNS), decode + validate, dedup, mask, seal.
 pub struct Transform {
     pub masker: Masker,
     pub dedup: Dedup,
     pub input_format: InputFormat,
+    /// The PII vault, when `PII_KMS_KEY_ID` is set.
+    pub vault: Option<Arc<Vault>>,
 }
 
 impl Transform {
     /// Turns one receive batch into items, in order.
     pub fn process(&self, batch: Vec<Envelope>) -> Vec<Item> {
-        batch.into_iter().map(|envelope| self.process_one(envelope)).collect()
+        let key = self.vault.as_ref().map(|vault| vault.current());
+        batch.into_iter().map(|envelope| self.process_one(envelope, key.as_deref())).collect()
     }
 
-    fn process_one(&self, mut envelope: Envelope) -> Item {
+    fn process_one(&self, mut envelope: Envelope, key: Option<&DataKey>) -> Item {
         let unwrapped = envelope::unwrap(&envelope.body, self.input_format);
         if let Ok(Unwrapped::Sns { key, .. }) = &unwrapped {
             // The SNS id is the idempotency key: the same notification delivered twice is one row.
@@ -109,8 +115,15 @@ impl Transform {
                 Err(rejection) => Err((rejection.clone(), envelope.body.as_str())),
             };
             match event {
-                Ok(login) => Record::Login(self.masker.mask_login(login, meta)),
-                Err((rejection, body)) => Record::Quarantine(self.masker.quarantine(rejection, body, meta)),
+                Ok(login) => {
+                    let sealed = key.map(|key| key.seal_login(&meta.message_id, &login));
+                    Record::Login(MaskedLogin { sealed, ..self.masker.mask_login(login, meta) })
+                }
+                Err((rejection, body)) => {
+                    // The whole message as received (envelope included), so nothing is lost.
+                    let sealed = key.map(|key| key.seal_body(&meta.message_id, &envelope.body));
+                    Record::Quarantine(QuarantineRecord { sealed, ..self.masker.quarantine(rejection, body, meta) })
+                }
             }
         };
         Item { ack: envelope.ack, fingerprint, record, share: envelope.share }
@@ -324,9 +337,23 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         }
     }
 
+    let vault = match &args.pii_kms_key_id {
+        Some(kms_key_id) => {
+            let kms = aws_sdk_kms::Client::new(&sqs::sdk_config(&args.sqs).await);
+            let vault = Arc::new(Vault::open(kms, kms_key_id.clone(), &sink).await.map_err(RunError::Vault)?);
+            tracing::info!(kms_key_id = %kms_key_id, rotation = ?args.pii_key_rotation(),
+                           "PII vault on: raw ip, device_id and quarantined bodies are sealed into user_logins_pii");
+            tracker.spawn(vault.clone().rotate_every(args.pii_key_rotation(), sink.clone(), background.clone()));
+            Some(vault)
+        }
+        None => {
+            tracing::info!("PII vault off (PII_KMS_KEY_ID unset): raw values are not kept anywhere");
+            None
+        }
+    };
     let dedup = Dedup::new(args.dedup_capacity, Duration::from_secs(args.dedup_ttl_secs));
     let stages = Arc::new(Stages {
-        transform: Transform { masker, dedup, input_format: args.input_format },
+        transform: Transform { masker, dedup, input_format: args.input_format, vault },
         sink,
         sqs: sqs_client.clone(),
         queue_url: args.sqs.queue_url.clone(),
@@ -503,6 +530,7 @@ mod tests {
                 masker: Masker::new(&secrecy::SecretString::from("k".repeat(32))),
                 dedup: Dedup::new(100, Duration::from_secs(60)),
                 input_format: InputFormat::Auto,
+                vault: None,
             },
             sink: Sink::new("postgres://nobody@127.0.0.1:9/none".parse().unwrap(), 1),
             sqs: sqs::client(&sqs_args).await,

@@ -27,6 +27,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
 use crate::mask::{MaskedLogin, QuarantineRecord};
+use crate::vault::Sealed;
 pub use connect::Database;
 use errors::{classify, sqlstate, ErrorClass};
 
@@ -42,8 +43,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const QUARANTINE_STATEMENT_BYTES: usize = 2 << 20;
 const COPY_LOGINS: &str = "\
 COPY user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
-                  app_version, app_version_text, create_date, sent_at) FROM STDIN (FORMAT binary)";
-const COPY_TYPES: [Type; 10] = [
+                  app_version, app_version_text, create_date, sent_at, mask_key_id, transform_version)
+FROM STDIN (FORMAT binary)";
+const COPY_TYPES: [Type; 12] = [
     Type::TEXT,
     Type::VARCHAR,
     Type::VARCHAR,
@@ -54,19 +56,29 @@ const COPY_TYPES: [Type; 10] = [
     Type::VARCHAR,
     Type::DATE,
     Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::TEXT,
 ];
 
 const INSERT_LOGINS: &str = "\
 INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
-                         app_version, app_version_text, create_date, sent_at)
+                         app_version, app_version_text, create_date, sent_at, mask_key_id, transform_version)
 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::int4[], $8::text[], $9::date[], $10::timestamptz[])
+                     $7::int4[], $8::text[], $9::date[], $10::timestamptz[], $11::text[], $12::text[])
 ON CONFLICT (message_id) DO NOTHING";
 
 const INSERT_QUARANTINE: &str = "\
-INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sent_at)
-SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sent_at, mask_key_id, transform_version)
+SELECT *, $7::text FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
 ON CONFLICT (message_id) DO NOTHING";
+
+const INSERT_SEALED: &str = "\
+INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_id, sealed_body)
+SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[])
+ON CONFLICT (message_id) DO NOTHING";
+
+/// loginflow's version, recorded on every row (`transform_version`).
+const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Errors that fail a whole window: the database is unavailable or busy. The window is retried.
 #[derive(Debug, thiserror::Error)]
@@ -389,6 +401,12 @@ async fn write_once(
         WriteMethod::UnnestInsert => insert_logins(&tx, part.logins).await?,
     };
     let quarantined = insert_quarantine(&tx, part.quarantine).await?;
+    insert_sealed(
+        &tx,
+        part.logins.iter().map(|l| (&l.message_id, &l.sealed)),
+        part.quarantine.iter().map(|q| (&q.message_id, &q.sealed)),
+    )
+    .await?;
     tx.commit().await?;
     let already_stored = part.logins.len() as u64 - written;
     Ok(Committed { written, already_stored, quarantined, ..Committed::default() })
@@ -405,7 +423,8 @@ async fn copy_logins(
     pin_mut!(writer);
     for login in logins {
         let create_date = login.create_date();
-        let row: [&(dyn ToSql + Sync); 10] = [
+        let mask_key_id: &str = &login.mask_key_id;
+        let row: [&(dyn ToSql + Sync); 12] = [
             &login.message_id,
             &login.user_id,
             &login.device_type,
@@ -416,6 +435,8 @@ async fn copy_logins(
             &login.app_version_text,
             &create_date,
             &login.sent_at,
+            &mask_key_id,
+            &TRANSFORM_VERSION,
         ];
         writer.as_mut().write(&row).await?;
     }
@@ -440,6 +461,8 @@ async fn insert_logins(
     let version_texts = column(|l| &l.app_version_text);
     let dates: Vec<NaiveDate> = logins.iter().map(MaskedLogin::create_date).collect();
     let sent: Vec<DateTime<Utc>> = logins.iter().map(|l| l.sent_at).collect();
+    let mask_key_ids = column(|l| &l.mask_key_id);
+    let versions_made = vec![TRANSFORM_VERSION; logins.len()];
     let statement = tx.prepare_cached(INSERT_LOGINS).await?;
     let rows = tx
         .execute(
@@ -455,6 +478,8 @@ async fn insert_logins(
                 &version_texts,
                 &dates,
                 &sent,
+                &mask_key_ids,
+                &versions_made,
             ],
         )
         .await?;
@@ -485,10 +510,48 @@ async fn insert_quarantine(
         let details: Vec<Option<&str>> = chunk.iter().map(|r| r.detail.as_deref()).collect();
         let bodies: Vec<&str> = chunk.iter().map(|r| r.masked_body.as_str()).collect();
         let sent: Vec<DateTime<Utc>> = chunk.iter().map(|r| r.sent_at).collect();
+        let mask_key_ids: Vec<&str> = chunk.iter().map(|r| &*r.mask_key_id).collect();
         let statement = tx.prepare_cached(INSERT_QUARANTINE).await?;
-        inserted += tx.execute(&statement, &[&ids, &reasons, &details, &bodies, &sent]).await?;
+        inserted += tx
+            .execute(&statement, &[&ids, &reasons, &details, &bodies, &sent, &mask_key_ids, &TRANSFORM_VERSION])
+            .await?;
     }
     Ok(inserted)
+}
+
+/// Inserts the sealed values of the records that carry some (the vault is on), in the
+/// transaction of their rows, in statements of at most [`QUARANTINE_STATEMENT_BYTES`].
+async fn insert_sealed<'a>(
+    tx: &deadpool_postgres::Transaction<'_>,
+    logins: impl Iterator<Item = (&'a String, &'a Option<Sealed>)>,
+    quarantine: impl Iterator<Item = (&'a String, &'a Option<Sealed>)>,
+) -> Result<(), tokio_postgres::Error> {
+    let sealed: Vec<(&String, &Sealed)> =
+        logins.chain(quarantine).filter_map(|(id, sealed)| sealed.as_ref().map(|s| (id, s))).collect();
+    let size =
+        |s: &Sealed| [&s.ip, &s.device_id, &s.body].iter().map(|v| v.as_ref().map_or(0, Vec::len)).sum::<usize>();
+    let mut rest = sealed.as_slice();
+    while !rest.is_empty() {
+        let mut bytes = 0;
+        let take = rest
+            .iter()
+            .take_while(|(_, s)| {
+                bytes += size(s);
+                bytes <= QUARANTINE_STATEMENT_BYTES
+            })
+            .count()
+            .max(1);
+        let (chunk, tail) = rest.split_at(take);
+        rest = tail;
+        let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+        let keys: Vec<uuid::Uuid> = chunk.iter().map(|(_, s)| s.data_key_id).collect();
+        let ips: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.ip.as_deref()).collect();
+        let devices: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.device_id.as_deref()).collect();
+        let bodies: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.body.as_deref()).collect();
+        let statement = tx.prepare_cached(INSERT_SEALED).await?;
+        tx.execute(&statement, &[&ids, &keys, &ips, &devices, &bodies]).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -506,6 +569,8 @@ mod tests {
             app_version: 1,
             app_version_text: "1".into(),
             sent_at: Utc::now(),
+            mask_key_id: "k".into(),
+            sealed: None,
         }
     }
 

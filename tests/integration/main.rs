@@ -6,3 +6,4 @@ mod observability;
 mod pipeline;
 mod redrive;
 mod tls;
+mod vault;

@@ -1,0 +1,182 @@
+//! `loginflow reveal` and `loginflow forget`: the recovery side of the vault. Both write
+//! their `pii_access_log` row in the same transaction as what they read or erase, before
+//! anything is shown; `reveal` needs `kms:Decrypt`, which ingest never has.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{Column, DataKey, VaultError};
+
+/// Which rows `reveal` opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    MessageIds(Vec<String>),
+    UserId(String),
+    /// "Who is behind this masked IP?"
+    MaskedIp(String),
+    MaskedDeviceId(String),
+}
+
+impl Lookup {
+    fn condition(&self) -> &'static str {
+        match self {
+            Lookup::MessageIds(_) => "p.message_id = ANY($1)",
+            Lookup::UserId(_) => "l.user_id = $1",
+            Lookup::MaskedIp(_) => "l.masked_ip = $1",
+            Lookup::MaskedDeviceId(_) => "l.masked_device_id = $1",
+        }
+    }
+}
+
+/// One opened row, printed as a JSON line.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Revealed {
+    pub message_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// The original body of a quarantined message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<DateTime<Utc>>,
+    /// Set when `forget` erased the sealed values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub erased_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Who is asking: the operating-system user and the database role.
+async fn who(tx: &tokio_postgres::Transaction<'_>) -> Result<String, tokio_postgres::Error> {
+    let role: String = tx.query_one("SELECT session_user::text", &[]).await?.get(0);
+    let os_user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    Ok(format!("{os_user} (database role {role})"))
+}
+
+async fn audit(
+    tx: &tokio_postgres::Transaction<'_>,
+    action: &str,
+    reason: &str,
+    message_ids: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    let who = who(tx).await?;
+    tx.execute(
+        "INSERT INTO pii_access_log (who, why, action, message_ids) VALUES ($1, $2, $3, $4)",
+        &[&who, &reason, &action, &message_ids],
+    )
+    .await?;
+    Ok(())
+}
+
+fn db_error(err: tokio_postgres::Error) -> VaultError {
+    VaultError::Database(crate::error_chain(&err))
+}
+
+/// Opens the sealed values of the rows `lookup` finds. The access is logged (committed)
+/// before any value is decrypted.
+pub async fn reveal(
+    client: &mut tokio_postgres::Client,
+    kms: &aws_sdk_kms::Client,
+    lookup: &Lookup,
+    reason: &str,
+) -> Result<Vec<Revealed>, VaultError> {
+    let query = format!(
+        "SELECT p.message_id, l.user_id, p.sealed_ip, p.sealed_device_id, p.sealed_body, p.erased_at,
+                p.data_key_id, k.wrapped_key, COALESCE(l.sent_at, q.sent_at)
+         FROM user_logins_pii p
+         JOIN pii_data_keys k ON k.id = p.data_key_id
+         LEFT JOIN user_logins l ON l.message_id = p.message_id
+         LEFT JOIN user_logins_quarantine q ON q.message_id = p.message_id
+         WHERE {} ORDER BY p.message_id",
+        lookup.condition()
+    );
+    let tx = client.transaction().await.map_err(db_error)?;
+    let rows = match lookup {
+        Lookup::MessageIds(ids) => tx.query(&query, &[ids]).await,
+        Lookup::UserId(value) | Lookup::MaskedIp(value) | Lookup::MaskedDeviceId(value) => {
+            tx.query(&query, &[value]).await
+        }
+    }
+    .map_err(db_error)?;
+    let ids: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    audit(&tx, "reveal", reason, &ids).await.map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+
+    let mut keys: HashMap<Uuid, DataKey> = HashMap::new();
+    let mut revealed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let message_id: String = row.get(0);
+        let data_key_id: Uuid = row.get(6);
+        let mut entry = Revealed {
+            user_id: row.get(1),
+            erased_at: row.get(5),
+            sent_at: row.get(8),
+            ip: None,
+            device_id: None,
+            body: None,
+            error: None,
+            message_id,
+        };
+        if entry.erased_at.is_none() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(data_key_id) {
+                slot.insert(unwrap_key(kms, data_key_id, row.get(7)).await?);
+            }
+            let key = &keys[&data_key_id];
+            let open = |column: Column, sealed: Option<Vec<u8>>| {
+                sealed
+                    .map(|sealed| key.open(&entry.message_id, column, &sealed))
+                    .transpose()
+                    .map(|value| value.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+            };
+            match (open(Column::Ip, row.get(2)), open(Column::DeviceId, row.get(3)), open(Column::Body, row.get(4))) {
+                (Ok(ip), Ok(device_id), Ok(body)) => (entry.ip, entry.device_id, entry.body) = (ip, device_id, body),
+                _ => entry.error = Some(VaultError::DoesNotOpen.to_string()),
+            }
+        }
+        revealed.push(entry);
+    }
+    Ok(revealed)
+}
+
+/// Asks KMS to unwrap a stored data key (`kms:Decrypt`).
+async fn unwrap_key(kms: &aws_sdk_kms::Client, id: Uuid, wrapped: Vec<u8>) -> Result<DataKey, VaultError> {
+    let out = kms
+        .decrypt()
+        .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(wrapped))
+        .send()
+        .await
+        .map_err(|err| VaultError::Kms(crate::error_chain(&aws_sdk_kms::Error::from(err))))?;
+    let plaintext = out.plaintext.ok_or_else(|| VaultError::Kms("no plaintext in the answer".into()))?;
+    DataKey::from_plaintext(id, plaintext.into_inner())
+}
+
+/// Erases a user's sealed values (their masks stay). Returns the message ids erased.
+pub async fn forget(
+    client: &mut tokio_postgres::Client,
+    user_id: &str,
+    reason: &str,
+) -> Result<Vec<String>, VaultError> {
+    let tx = client.transaction().await.map_err(db_error)?;
+    let rows = tx
+        .query(
+            "UPDATE user_logins_pii p
+             SET sealed_ip = NULL, sealed_device_id = NULL, sealed_body = NULL, erased_at = now()
+             FROM user_logins l
+             WHERE l.message_id = p.message_id AND l.user_id = $1 AND p.erased_at IS NULL
+             RETURNING p.message_id",
+            &[&user_id],
+        )
+        .await
+        .map_err(db_error)?;
+    let ids: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    audit(&tx, "forget", reason, &ids).await.map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(ids)
+}
