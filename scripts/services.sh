@@ -56,7 +56,8 @@ postgres_up() {
     _log "initialising a private cluster in $PG_DIR/data"
     _as_postgres "$bin/initdb" -D "$PG_DIR/data" --auth=trust -U postgres -E UTF8 --locale=C.UTF-8 >/dev/null
   fi
-  local opts="-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=200"
+  # track_commit_timestamp: the load test measures latency to commit (pg_xact_commit_timestamp).
+  local opts="-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=200 -c track_commit_timestamp=on"
   [ "${PG_FAST:-0}" = 1 ] && opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   _as_postgres "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -o "$opts" -w -t 60 start >/dev/null
   _STARTED+=("postgres")

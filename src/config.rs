@@ -138,15 +138,14 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=43_200))]
     pub visibility_timeout_secs: u32,
 
-    /// Most rows per window (1..=10000). A window is written as soon as a sink connection is
-    /// free, with whatever arrived meanwhile, so windows grow with load up to this size.
+    /// Most rows per window (1..=10000): a window is written when it has this many messages...
     #[arg(long, env = "BATCH_MAX_ROWS", value_name = "BATCH_MAX_ROWS", default_value = "1000",
           value_parser = count(1, 10_000))]
     pub batch_max_rows: usize,
 
-    /// Upper bound, in milliseconds, on how long a window keeps taking new messages once its
-    /// first one arrived, for a stream that never pauses (1..=600000).
-    #[arg(long, env = "BATCH_MAX_WAIT_MS", value_name = "BATCH_MAX_WAIT_MS", default_value = "500",
+    /// ...or when its first message has waited this long, in milliseconds (1..=600000), as soon as
+    /// a sink connection is free; while all are busy the window keeps growing (up to BATCH_MAX_ROWS).
+    #[arg(long, env = "BATCH_MAX_WAIT_MS", value_name = "BATCH_MAX_WAIT_MS", default_value = "20",
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub batch_max_wait_ms: u64,
 
@@ -418,7 +417,7 @@ mod tests {
         assert_eq!(run.max_inflight_bytes, 64 << 20);
         assert!(run.validate().is_ok());
         assert_eq!(run.sqs.queue_name(), "login-queue");
-        assert_eq!(run.batch_max_wait(), Duration::from_millis(500));
+        assert_eq!(run.batch_max_wait(), Duration::from_millis(20));
     }
 
     #[test]

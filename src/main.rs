@@ -30,21 +30,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// mimalloc's `purge_delay` option (the same index in its v2 and v3 headers; the crate names
-/// only the older options).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Freed memory goes back to the OS at once instead of after mimalloc's default 10 ms delay:
-/// with 1 MiB bodies the delay kept ~60 MiB of freed receive buffers resident (peak RSS
-/// 170 MiB against 112 MiB, BENCHMARKS.md), which breaks the byte budget's memory bar.
-fn return_freed_memory_at_once() {
-    // SAFETY: sets one integer option; mimalloc reads its options atomically.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    return_freed_memory_at_once();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {

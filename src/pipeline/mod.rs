@@ -10,6 +10,7 @@
 //! pollers receiving. Shutdown stops the pollers; the rest drains, and whatever is still being
 //! written when the grace period ends is cancelled (rolled back) and left for redelivery.
 
+mod acks;
 mod drain;
 mod summary;
 mod windows;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::{stream, StreamExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,14 +36,15 @@ use crate::sink::{Committed, Sink, SinkError};
 use crate::source::envelope::{self, InputFormat, Unwrapped};
 use crate::source::{Ack, Budget, Envelope, InFlight, ReceiveSettings, Share};
 use crate::vault::{DataKey, Vault};
-use crate::{ack, http, metrics, source, sqs};
+use crate::{http, metrics, source, sqs};
+use acks::Stored;
 pub use summary::RunSummary;
 use summary::Stats;
 
 /// After the grace period, how long cancelled work may take to unwind before `run` returns anyway.
 const ABORT_WAIT: Duration = Duration::from_secs(3);
-/// Committed windows whose deletes may run at once, beside the next windows' writes.
-const ACK_WINDOWS: usize = 4;
+/// Committed windows waiting for the acknowledgement stage (then the sink waits).
+const COMMITTED_WINDOWS: usize = 8;
 /// How long `run` waits for its background tasks (pollers, probes, extender) at the end.
 const TASKS_WAIT: Duration = Duration::from_secs(2);
 
@@ -136,8 +138,8 @@ struct Window {
     acks: Vec<Ack>,
     logins: Vec<MaskedLogin>,
     quarantine: Vec<QuarantineRecord>,
-    /// Fingerprints of the messages that are not cache duplicates, with their index in `acks`.
-    fingerprints: Vec<(usize, Fingerprint)>,
+    /// Per ack, its fingerprint to remember once deleted (`None` for a cache duplicate: already known).
+    fingerprints: Vec<Option<Fingerprint>>,
     /// The bodies' shares of the byte budget, returned when the window is done.
     _shares: Vec<Share>,
 }
@@ -146,15 +148,20 @@ impl Window {
     fn split(items: Vec<Item>) -> Window {
         let mut window = Window { acks: Vec::with_capacity(items.len()), ..Window::default() };
         for item in items {
-            let index = window.acks.len();
             window.acks.push(item.ack);
             window._shares.extend(item.share);
-            match item.record {
-                Record::Login(login) => window.logins.push(login),
-                Record::Quarantine(record) => window.quarantine.push(record),
-                Record::Duplicate => continue,
-            }
-            window.fingerprints.push((index, item.fingerprint));
+            let fingerprint = match item.record {
+                Record::Login(login) => {
+                    window.logins.push(login);
+                    Some(item.fingerprint)
+                }
+                Record::Quarantine(record) => {
+                    window.quarantine.push(record);
+                    Some(item.fingerprint)
+                }
+                Record::Duplicate => None,
+            };
+            window.fingerprints.push(fingerprint);
         }
         window
     }
@@ -190,28 +197,34 @@ impl Stages {
     }
 
     /// Writes one window (retrying while the database is unavailable, until it commits or
-    /// shutdown gives up), then deletes the messages it stored, releases those it could not
-    /// store for the dead-letter queue, and remembers the stored ones as committed.
+    /// shutdown gives up), releases the messages it could not store for the dead-letter
+    /// queue, and hands the stored ones to the acknowledgement stage ([`acks`]).
     ///
-    /// `connection` is the window's sink slot: it is given back right after the commit (once
-    /// a place among the [`ACK_WINDOWS`] acknowledging windows is free), so the next window is
-    /// written while this one's deletes run.
-    async fn flush(&self, items: Vec<Item>, connection: OwnedSemaphorePermit, acknowledging: &Semaphore) {
+    /// `connection` is the window's sink slot, given back once the stored messages are handed
+    /// over, so the next window is written while this one's deletes run.
+    async fn flush(&self, items: Vec<Item>, connection: OwnedSemaphorePermit, committed: &mpsc::Sender<Vec<Stored>>) {
         let started = Instant::now();
         let window = Window::split(items);
-        let Some(committed) = self.write_with_retry(&window).await else {
+        let Some(written) = self.write_with_retry(&window).await else {
             drop(connection);
             self.abandon(window.receipts().map(str::to_owned).collect()).await;
             return;
         };
-        self.record_commit(&window, &committed, started);
-        let _acknowledging = acknowledging.acquire().await;
-        drop(connection);
+        self.record_commit(&window, &written, started);
 
-        let unstorable: HashSet<&str> = committed.unstorable.iter().map(String::as_str).collect();
-        let is_stored = |ack: &Ack| !unstorable.contains(ack.message_id.as_str());
-        let released: Vec<String> =
-            window.acks.iter().filter(|a| !is_stored(a)).map(|a| a.receipt_handle.clone()).collect();
+        let unstorable: HashSet<&str> = written.unstorable.iter().map(String::as_str).collect();
+        let mut stored = Vec::with_capacity(window.acks.len());
+        let mut released = Vec::new();
+        for (ack, fingerprint) in window.acks.into_iter().zip(window.fingerprints) {
+            if unstorable.contains(ack.message_id.as_str()) {
+                released.push(ack.receipt_handle);
+            } else {
+                stored.push(Stored { ack, fingerprint });
+            }
+        }
+        // The channel closes only after every flush has ended, so this send cannot fail.
+        let _ = committed.send(stored).await;
+        drop(connection);
         if !released.is_empty() {
             metrics::error("sink", "gave_up");
             metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "unstorable").increment(released.len() as u64);
@@ -222,21 +235,6 @@ impl Stages {
                 () = self.abort.cancelled() => {}
             }
         }
-        let stored: Vec<Ack> = if released.is_empty() {
-            window.acks.clone()
-        } else {
-            window.acks.iter().filter(|a| is_stored(a)).cloned().collect()
-        };
-        let deleted = tokio::select! {
-            deleted = ack::delete_all(&self.sqs, &self.queue_url, &stored, self.max_backoff) => deleted,
-            () = self.abort.cancelled() => ack::Deleted { succeeded: 0, gave_up: stored.len() as u64 },
-        };
-        let remembered: Vec<Fingerprint> =
-            window.fingerprints.iter().filter(|(i, _)| is_stored(&window.acks[*i])).map(|(_, f)| *f).collect();
-        self.transform.dedup.mark_committed(remembered).await;
-        self.in_flight.release(stored.iter().map(Ack::receipt));
-        Stats::add(&self.stats.deleted, deleted.succeeded);
-        Stats::add(&self.stats.delete_failures, deleted.gave_up);
     }
 
     /// Leaves messages for redelivery after shutdown's grace period: counted as abandoned and
@@ -428,18 +426,21 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         })
         .buffered(args.mask_concurrency)
         .flat_map(stream::iter);
-    let acknowledging = Arc::new(Semaphore::new(ACK_WINDOWS));
-    let pipeline = windows::write_in_windows(
+    let (to_acknowledge, committed) = mpsc::channel::<Vec<Stored>>(COMMITTED_WINDOWS);
+    let writes = windows::write_in_windows(
         masked,
         args.batch_max_rows,
         args.batch_max_wait(),
         args.sink_connections,
         move |window, connection| {
             let stages = flush_stage.clone();
-            let acknowledging = acknowledging.clone();
-            async move { stages.flush(window, connection, &acknowledging).await }
+            let to_acknowledge = to_acknowledge.clone();
+            async move { stages.flush(window, connection, &to_acknowledge).await }
         },
     );
+    let pipeline = async {
+        tokio::join!(writes, stages.clone().acknowledge(committed));
+    };
     tokio::pin!(pipeline);
 
     let drain_deadline = async {
