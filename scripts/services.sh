@@ -2,7 +2,7 @@
 # Starts (or reuses) the services loginflow needs, on loopback, without Docker:
 #   - a private PostgreSQL cluster (Debian's postgresql package, installed if missing)
 #   - a second, TLS-only cluster (`tls_postgres_up`: a throw-away CA made with openssl, `hostssl` only)
-#   - LocalStack's SQS and KMS in host mode (Python >= 3.13 venv), or moto's server as a fallback
+#   - LocalStack's SQS, KMS and SNS in host mode (Python >= 3.13 venv), or moto's server as a fallback
 #
 # Source it, then call `services_up`; `services_down` stops only what it started.
 # Exports DATABASE_URL (the `postgres` database of the cluster) and AWS_ENDPOINT_URL.
@@ -135,9 +135,10 @@ _sqs_healthy() {
   local health
   health=$(curl -fsS "http://127.0.0.1:$SQS_PORT/_localstack/health" 2>/dev/null)
   if [ -n "$health" ]; then
-    # LocalStack: SQS and KMS (the PII vault) both needed.
+    # LocalStack: SQS, KMS (the PII vault) and SNS (fan-out tests) needed.
     echo "$health" | grep -q '"sqs": "\(available\|running\)"' &&
-      echo "$health" | grep -q '"kms": "\(available\|running\)"'
+      echo "$health" | grep -q '"kms": "\(available\|running\)"' &&
+      echo "$health" | grep -q '"sns": "\(available\|running\)"'
     return
   fi
   # moto answers a ListQueues call.
@@ -153,7 +154,7 @@ sqs_up() {
     return 0
   fi
   if curl -fsS "http://127.0.0.1:$SQS_PORT/_localstack/health" >/dev/null 2>&1; then
-    _log "the LocalStack on 127.0.0.1:$SQS_PORT has no KMS: restarting it (it must be one this script started)"
+    _log "the LocalStack on 127.0.0.1:$SQS_PORT lacks KMS or SNS: restarting it (it must be one this script started)"
     sqs_down
   fi
   mkdir -p "$LOGINFLOW_STATE"
@@ -173,7 +174,7 @@ sqs_up() {
         { _log "LocalStack install failed (see $LOGINFLOW_STATE/localstack-install.log)"; return 1; }
     fi
     mkdir -p "$LOGINFLOW_STATE/localstack-volume"
-    SERVICES=sqs,kms GATEWAY_LISTEN="127.0.0.1:$SQS_PORT" SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 \
+    SERVICES=sqs,kms,sns GATEWAY_LISTEN="127.0.0.1:$SQS_PORT" SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 \
       SKIP_SSL_CERT_DOWNLOAD=1 DISABLE_EVENTS=1 LOCALSTACK_HOST="127.0.0.1:$SQS_PORT" LOCALSTACK_VOLUME_DIR="$LOGINFLOW_STATE/localstack-volume" \
       nohup "$venv/bin/python" -m localstack.runtime.main >"$LOGINFLOW_STATE/localstack.log" 2>&1 &
     echo $! >"$LOGINFLOW_STATE/sqs.pid"

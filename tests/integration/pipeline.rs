@@ -407,3 +407,46 @@ async fn pii_hidden_anywhere_in_a_rejected_body_never_reaches_the_quarantine_tab
     }
     assert!(tables.contains(&hmac_hex("198.51.100.7")), "equal values keep equal masks");
 }
+
+/// The standard fan-out for real: a producer publishes to an SNS topic, SNS delivers envelopes
+/// into the subscribed queue (no raw message delivery), loginflow unwraps and keys them.
+#[tokio::test]
+async fn records_published_to_a_subscribed_sns_topic_become_rows_keyed_by_their_sns_id() {
+    let env = TestEnv::new().await;
+    let sns = aws_sdk_sns::Client::new(&loginflow::sqs::sdk_config(&sqs_args(&env.endpoint, &env.queue_url)).await);
+    let topic = sns.create_topic().name(format!("logins-{}", env.queue_url.rsplit('/').next().unwrap())).send().await;
+    let topic_arn = topic.expect("create topic").topic_arn.expect("topic arn");
+    let queue_arn = env
+        .sqs
+        .get_queue_attributes()
+        .queue_url(&env.queue_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()
+        .remove(&aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .unwrap();
+    sns.subscribe().topic_arn(&topic_arn).protocol("sqs").endpoint(&queue_arn).send().await.expect("subscribe");
+
+    let bodies = synthetic_bodies(20, 31);
+    let mut sns_ids = Vec::new();
+    for body in bodies.iter().chain(std::iter::once(&"{\"device_type\":\"ios\"}".to_owned())) {
+        let published = sns.publish().topic_arn(&topic_arn).message(body).send().await.expect("publish");
+        sns_ids.push(format!("sns:{}", published.message_id.expect("SNS message id")));
+    }
+    let summary = env.drain(&[]).await;
+    assert_eq!(summary.received, 21, "every notification arrived as one SQS message");
+    let stored = env.stored_ids().await;
+    let expected: HashSet<&String> = sns_ids.iter().collect();
+    assert_eq!(stored.keys().collect::<HashSet<_>>(), expected, "rows and quarantine keyed by SNS id");
+    assert!(stored.values().all(|n| *n == 1));
+    let db = env.db().await;
+    let rows: i64 = db.query_one("SELECT count(*) FROM user_logins", &[]).await.unwrap().get(0);
+    let reasons: Vec<String> =
+        db.query("SELECT reason FROM user_logins_quarantine", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    // The generator's first 20 records are valid (its malformed one is the 58th); the 21st body is not.
+    assert_eq!((rows, reasons), (20, vec!["missing_field".to_owned()]));
+    env.assert_queue_empty().await;
+}
