@@ -45,6 +45,64 @@ pub enum Command {
     Reveal(RevealArgs),
     /// Erase a user's sealed PII from the vault (masks stay); audited.
     Forget(ForgetArgs),
+    /// Mask-key rotation: re-mask every row from the vault under the current MASK_KEY (needs
+    /// kms:Decrypt); online, in batches, resumable; prints a JSON report; audited.
+    Remask(RemaskArgs),
+    /// Quarantined messages.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+}
+
+/// `loginflow quarantine ...`.
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// Re-run quarantined messages from their sealed bodies through today's validator: those
+    /// that pass become rows and leave quarantine, the rest stay with their new reason.
+    /// Idempotent; needs kms:Decrypt; prints a JSON report; audited.
+    Replay(ReplayArgs),
+}
+
+/// What the vault's batch jobs (`remask`, `quarantine replay`) need.
+#[derive(Debug, Clone, Args)]
+pub struct VaultJobArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// AWS settings for KMS (QUEUE_URL is not used).
+    #[command(flatten)]
+    pub aws: SqsArgs,
+    /// The masking key rows are (re-)masked with.
+    #[command(flatten)]
+    pub mask: MaskKeyArgs,
+    /// Rows per transaction (1..=10000): each batch commits on its own, so the job can be
+    /// stopped at any point and run again.
+    #[arg(long, value_name = "N", default_value = "500", value_parser = count(1, 10_000))]
+    pub batch_rows: usize,
+}
+
+/// `loginflow remask`.
+#[derive(Debug, Clone, Args)]
+pub struct RemaskArgs {
+    #[command(flatten)]
+    pub job: VaultJobArgs,
+    /// Why (recorded in pii_access_log).
+    #[arg(long, value_name = "TEXT", value_parser = non_empty, default_value = "mask key rotation")]
+    pub why: String,
+}
+
+/// `loginflow quarantine replay`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub job: VaultJobArgs,
+    /// Replay only the messages quarantined for this reason code (e.g. `db_rejected`).
+    #[arg(long, value_name = "REASON")]
+    pub reason: Option<String>,
+    /// How sealed bodies are read, as `run` reads them.
+    #[arg(long, env = "INPUT_FORMAT", value_name = "INPUT_FORMAT", default_value = "auto")]
+    pub input_format: crate::source::envelope::InputFormat,
+    /// Why (recorded in pii_access_log).
+    #[arg(long, value_name = "TEXT", value_parser = non_empty, default_value = "quarantine replay")]
+    pub why: String,
 }
 
 /// Log output format.
@@ -95,6 +153,39 @@ pub struct DatabaseArgs {
     pub database_url: crate::sink::Database,
 }
 
+/// The masking secret.
+#[derive(Debug, Clone, Args)]
+pub struct MaskKeyArgs {
+    /// Masking secret (at least 32 bytes). Prefer MASK_KEY_FILE in production.
+    #[arg(long, env = "MASK_KEY", value_name = "MASK_KEY", hide_env_values = true)]
+    pub mask_key: Option<SecretString>,
+
+    /// File holding the masking secret (trailing newline ignored).
+    #[arg(long, env = "MASK_KEY_FILE", value_name = "MASK_KEY_FILE")]
+    pub mask_key_file: Option<PathBuf>,
+}
+
+impl MaskKeyArgs {
+    /// Reads and checks the masking key from MASK_KEY or MASK_KEY_FILE. Never prints it.
+    pub fn load(&self) -> Result<SecretString, ConfigError> {
+        let (key, variable) = match (&self.mask_key, &self.mask_key_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::MaskKeyTwice),
+            (None, None) => return Err(ConfigError::MaskKeyMissing),
+            (Some(key), None) => (key.clone(), "MASK_KEY"),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::MaskKeyFile { path: path.clone(), source })?;
+                (SecretString::from(text.trim_end_matches(['\r', '\n']).to_owned()), "MASK_KEY_FILE")
+            }
+        };
+        let len = key.expose_secret().len();
+        if len < MIN_MASK_KEY_BYTES {
+            return Err(ConfigError::MaskKeyTooShort { variable, len });
+        }
+        Ok(key)
+    }
+}
+
 /// `loginflow run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
@@ -112,13 +203,8 @@ pub struct RunArgs {
     #[arg(long, env = "INPUT_FORMAT", value_name = "INPUT_FORMAT", default_value = "auto")]
     pub input_format: crate::source::envelope::InputFormat,
 
-    /// Masking secret (at least 32 bytes). Prefer MASK_KEY_FILE in production.
-    #[arg(long, env = "MASK_KEY", value_name = "MASK_KEY", hide_env_values = true)]
-    pub mask_key: Option<SecretString>,
-
-    /// File holding the masking secret (trailing newline ignored).
-    #[arg(long, env = "MASK_KEY_FILE", value_name = "MASK_KEY_FILE")]
-    pub mask_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub mask: MaskKeyArgs,
 
     /// `host:port` serving /metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
@@ -335,21 +421,7 @@ fn count(min: u64, max: u64) -> impl clap::builder::TypedValueParser<Value = usi
 impl RunArgs {
     /// Reads and checks the masking key from MASK_KEY or MASK_KEY_FILE. Never prints it.
     pub fn load_mask_key(&self) -> Result<SecretString, ConfigError> {
-        let (key, variable) = match (&self.mask_key, &self.mask_key_file) {
-            (Some(_), Some(_)) => return Err(ConfigError::MaskKeyTwice),
-            (None, None) => return Err(ConfigError::MaskKeyMissing),
-            (Some(key), None) => (key.clone(), "MASK_KEY"),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::MaskKeyFile { path: path.clone(), source })?;
-                (SecretString::from(text.trim_end_matches(['\r', '\n']).to_owned()), "MASK_KEY_FILE")
-            }
-        };
-        let len = key.expose_secret().len();
-        if len < MIN_MASK_KEY_BYTES {
-            return Err(ConfigError::MaskKeyTooShort { variable, len });
-        }
-        Ok(key)
+        self.mask.load()
     }
 
     /// Checks what clap cannot: the queue URL's shape, and settings that cannot work together.
@@ -464,14 +536,14 @@ mod tests {
         let cli = parse(&["run"]).unwrap();
         let Command::Run(run) = cli.command else { panic!("expected run") };
         let mut run = *run;
-        run.mask_key = None;
-        run.mask_key_file = None;
+        run.mask.mask_key = None;
+        run.mask.mask_key_file = None;
         assert!(matches!(run.load_mask_key(), Err(ConfigError::MaskKeyMissing)));
-        run.mask_key = Some(SecretString::from("short-secret-value"));
+        run.mask.mask_key = Some(SecretString::from("short-secret-value"));
         let err = run.load_mask_key().unwrap_err();
         assert!(err.to_string().contains("MASK_KEY is 18 bytes"), "{err}");
         assert!(!err.to_string().contains("short-secret-value"));
-        run.mask_key = Some(SecretString::from("k".repeat(32)));
+        run.mask.mask_key = Some(SecretString::from("k".repeat(32)));
         assert!(run.load_mask_key().is_ok());
     }
 
@@ -482,8 +554,8 @@ mod tests {
         let cli = parse(&["run"]).unwrap();
         let Command::Run(run) = cli.command else { panic!("expected run") };
         let mut run = *run;
-        run.mask_key = None;
-        run.mask_key_file = Some(path.clone());
+        run.mask.mask_key = None;
+        run.mask.mask_key_file = Some(path.clone());
         assert_eq!(run.load_mask_key().unwrap().expose_secret().len(), 32);
         std::fs::remove_file(path).unwrap();
     }

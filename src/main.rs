@@ -2,8 +2,10 @@
 
 use anyhow::Context;
 use clap::Parser;
-use loginflow::config::{Cli, Command, LogFormat};
+use loginflow::config::{Cli, Command, LogFormat, QuarantineCommand, VaultJobArgs};
+use loginflow::mask::Masker;
 use loginflow::vault::commands::{self, Lookup};
+use loginflow::vault::{remask, replay, KeyRing};
 use loginflow::{redrive, seed, sink::Sink, sqs};
 use tracing::Level;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
@@ -82,9 +84,9 @@ async fn main() -> anyhow::Result<()> {
                 (_, None, None, Some(mask)) => Lookup::MaskedDeviceId(mask),
                 _ => anyhow::bail!("give exactly one of --message-id, --user-id, --masked-ip, --masked-device-id"),
             };
-            let kms = aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws).await);
+            let mut keys = KeyRing::new(aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws).await));
             let mut client = vault_connection(&args.database).await?;
-            let revealed = commands::reveal(&mut client, &kms, &lookup, &args.reason).await?;
+            let revealed = commands::reveal(&mut client, &mut keys, &lookup, &args.reason).await?;
             for row in &revealed {
                 println!("{}", serde_json::to_string(row)?);
             }
@@ -97,6 +99,19 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({ "user_id": args.user_id, "erased": erased.len(), "message_ids": erased })
             );
+        }
+        Command::Remask(args) => {
+            let (sink, mut keys, masker) = vault_job(&args.job).await?;
+            let report = remask::remask(&sink, &mut keys, &masker, args.job.batch_rows, &args.why).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Quarantine(QuarantineCommand::Replay(args)) => {
+            let (sink, mut keys, masker) = vault_job(&args.job).await?;
+            let reason = args.reason.as_deref();
+            let report =
+                replay::replay(&sink, &mut keys, &masker, reason, args.input_format, args.job.batch_rows, &args.why)
+                    .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Generate(args) => {
             let records: Vec<serde_json::Value> = seed::synthetic(args.count, args.rng_seed).collect();
@@ -114,6 +129,15 @@ async fn vault_connection(args: &loginflow::config::DatabaseArgs) -> anyhow::Res
     tokio::spawn(connection);
     loginflow::schema::migrate(&mut client).await.context("migration failed")?;
     Ok(client)
+}
+
+/// What `remask` and `quarantine replay` work with: the database (schema in place), KMS, the mask key.
+async fn vault_job(args: &VaultJobArgs) -> anyhow::Result<(Sink, KeyRing, Masker)> {
+    let masker = Masker::new(&args.mask.load()?);
+    let sink = Sink::new(args.database.database_url.clone(), 1);
+    sink.migrate().await.context("cannot use the database in DATABASE_URL")?;
+    let keys = KeyRing::new(aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws).await));
+    Ok((sink, keys, masker))
 }
 
 fn summary_json(summary: &loginflow::RunSummary) -> serde_json::Value {

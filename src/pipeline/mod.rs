@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ConfigError, RunArgs};
-use crate::decode::{decode, Reason};
+use crate::decode::{decode, Reason, Rejection};
 use crate::dedup::{Dedup, Fingerprint};
 use crate::mask::{MaskedLogin, Masker, MessageMeta, QuarantineRecord};
 use crate::retry::Backoff;
@@ -109,26 +109,37 @@ impl Transform {
             Record::Duplicate
         } else {
             let meta = MessageMeta { message_id: envelope.ack.message_id.clone(), sent_at: envelope.sent_at };
-            let event = match &unwrapped {
-                Ok(Unwrapped::Raw(body)) => decode(body).map_err(|rejection| (rejection, *body)),
-                Ok(Unwrapped::Sns { message, .. }) => {
-                    decode(message).map_err(|rejection| (rejection, message.as_str()))
-                }
-                Err(rejection) => Err((rejection.clone(), envelope.body.as_str())),
-            };
-            match event {
-                Ok(login) => {
-                    let sealed = key.map(|key| key.seal_login(&meta.message_id, &login));
-                    Record::Login(MaskedLogin { sealed, ..self.masker.mask_login(login, meta) })
-                }
-                Err((rejection, body)) => {
-                    // The whole message as received (envelope included), so nothing is lost.
-                    let sealed = key.map(|key| key.seal_body(&meta.message_id, &envelope.body));
-                    Record::Quarantine(QuarantineRecord { sealed, ..self.masker.quarantine(rejection, body, meta) })
-                }
-            }
+            to_record(&self.masker, key, meta, &envelope.body, &unwrapped)
         };
         Item { ack: envelope.ack, fingerprint, record, share: envelope.share }
+    }
+}
+
+/// Decode + validate, mask and seal one message: the rule every path that stores a message
+/// follows (the pipeline, and `quarantine replay`). `received` is the body as it arrived,
+/// `unwrapped` what [`envelope::unwrap`] made of it; a rejected message's sealed copy is the
+/// whole body as received (envelope included), so nothing is lost.
+pub fn to_record(
+    masker: &Masker,
+    key: Option<&DataKey>,
+    meta: MessageMeta,
+    received: &str,
+    unwrapped: &Result<Unwrapped<'_>, Rejection>,
+) -> Record {
+    let event = match unwrapped {
+        Ok(Unwrapped::Raw(body)) => decode(body).map_err(|rejection| (rejection, *body)),
+        Ok(Unwrapped::Sns { message, .. }) => decode(message).map_err(|rejection| (rejection, message.as_str())),
+        Err(rejection) => Err((rejection.clone(), received)),
+    };
+    match event {
+        Ok(login) => {
+            let sealed = key.map(|key| key.seal_login(&meta.message_id, &login));
+            Record::Login(MaskedLogin { sealed, ..masker.mask_login(login, meta) })
+        }
+        Err((rejection, body)) => {
+            let sealed = key.map(|key| key.seal_body(&meta.message_id, received));
+            Record::Quarantine(QuarantineRecord { sealed, ..masker.quarantine(rejection, body, meta) })
+        }
     }
 }
 

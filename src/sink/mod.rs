@@ -142,6 +142,15 @@ pub enum WriteMethod {
     UnnestInsert,
 }
 
+/// How one write goes about it.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    method: WriteMethod,
+    /// Delete the quarantine and vault rows of the window's message ids first, in the same
+    /// transaction (`quarantine replay` stores a message anew).
+    replace: bool,
+}
+
 /// A pool of connections to the target database.
 #[derive(Clone)]
 pub struct Sink {
@@ -215,10 +224,34 @@ impl Sink {
         self.write_using(WriteMethod::Copy, logins, quarantine, cancel).await
     }
 
+    /// [`Sink::write`] for messages stored before (`quarantine replay`): in each transaction,
+    /// the quarantine and vault rows their message ids have are deleted first, so a message
+    /// that now passes leaves quarantine in the transaction that writes its row, and one that
+    /// still fails is recorded again with its new reason. A message id that already has a row
+    /// in `user_logins` keeps it (the unique index), so a message is stored once.
+    pub async fn replace(
+        &self,
+        logins: &[MaskedLogin],
+        quarantine: &[QuarantineRecord],
+        cancel: &CancellationToken,
+    ) -> Result<Committed, SinkError> {
+        self.write_with(Mode { method: WriteMethod::UnnestInsert, replace: true }, logins, quarantine, cancel).await
+    }
+
     /// [`Sink::write`] with a chosen method (benches compare them).
     pub async fn write_using(
         &self,
         method: WriteMethod,
+        logins: &[MaskedLogin],
+        quarantine: &[QuarantineRecord],
+        cancel: &CancellationToken,
+    ) -> Result<Committed, SinkError> {
+        self.write_with(Mode { method, replace: false }, logins, quarantine, cancel).await
+    }
+
+    async fn write_with(
+        &self,
+        mode: Mode,
         logins: &[MaskedLogin],
         quarantine: &[QuarantineRecord],
         cancel: &CancellationToken,
@@ -228,7 +261,7 @@ impl Sink {
             () = cancel.cancelled() => return Err(SinkError::Cancelled),
         };
         let outcome = tokio::select! {
-            result = tokio::time::timeout(self.flush_timeout, store(&mut client, method, logins, quarantine)) => {
+            result = tokio::time::timeout(self.flush_timeout, store(&mut client, mode, logins, quarantine)) => {
                 match result {
                     Ok(result) => result.map_err(SinkError::from),
                     Err(_) => Err(SinkError::Timeout(self.flush_timeout)),
@@ -310,12 +343,12 @@ enum Refused<'a> {
 /// could not be stored. Returns an error only when the database is unavailable.
 async fn store(
     client: &mut Object,
-    method: WriteMethod,
+    mode: Mode,
     logins: &[MaskedLogin],
     quarantine: &[QuarantineRecord],
 ) -> Result<Committed, tokio_postgres::Error> {
     let mut committed = Committed::default();
-    let refused = store_isolating(client, method, Part { logins, quarantine }, &mut committed).await?;
+    let refused = store_isolating(client, mode, Part { logins, quarantine }, &mut committed).await?;
     let mut db_rejected = Vec::new();
     for record in refused {
         match record {
@@ -329,7 +362,7 @@ async fn store(
     }
     if !db_rejected.is_empty() {
         let part = Part { logins: &[], quarantine: &db_rejected };
-        for record in store_isolating(client, method, part, &mut committed).await? {
+        for record in store_isolating(client, mode, part, &mut committed).await? {
             if let Refused::Quarantine(record) = record {
                 committed.unstorable.push(record.message_id.clone());
             }
@@ -347,7 +380,7 @@ async fn store(
 /// in its own transaction, down to single records, and returns those it refused.
 async fn store_isolating<'a>(
     client: &mut Object,
-    method: WriteMethod,
+    mode: Mode,
     part: Part<'a>,
     committed: &mut Committed,
 ) -> Result<Vec<Refused<'a>>, tokio_postgres::Error> {
@@ -357,7 +390,7 @@ async fn store_isolating<'a>(
         if part.len() == 0 {
             continue;
         }
-        match write_transaction(client, method, part).await {
+        match write_transaction(client, mode, part).await {
             Ok(done) => committed.add(done),
             Err(err) if classify(&err) == ErrorClass::Unavailable => return Err(err),
             Err(err) => match (part.logins, part.quarantine) {
@@ -378,25 +411,31 @@ async fn store_isolating<'a>(
 /// A COPY refused for an already-stored message id is redone with the skipping insert.
 async fn write_transaction(
     client: &mut Object,
-    method: WriteMethod,
+    mode: Mode,
     part: Part<'_>,
 ) -> Result<Committed, tokio_postgres::Error> {
-    let result = write_once(client, method, part).await;
+    let result = write_once(client, mode, part).await;
     match result {
-        Err(err) if method == WriteMethod::Copy && err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            write_once(client, WriteMethod::UnnestInsert, part).await
+        Err(err) if mode.method == WriteMethod::Copy && err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            write_once(client, Mode { method: WriteMethod::UnnestInsert, ..mode }, part).await
         }
         other => other,
     }
 }
 
-async fn write_once(
-    client: &mut Object,
-    method: WriteMethod,
-    part: Part<'_>,
-) -> Result<Committed, tokio_postgres::Error> {
+async fn write_once(client: &mut Object, mode: Mode, part: Part<'_>) -> Result<Committed, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let written = match method {
+    if mode.replace {
+        let ids: Vec<&str> = part
+            .logins
+            .iter()
+            .map(|l| l.message_id.as_str())
+            .chain(part.quarantine.iter().map(|q| q.message_id.as_str()))
+            .collect();
+        tx.execute("DELETE FROM user_logins_quarantine WHERE message_id = ANY($1)", &[&ids]).await?;
+        tx.execute("DELETE FROM user_logins_pii WHERE message_id = ANY($1)", &[&ids]).await?;
+    }
+    let written = match mode.method {
         WriteMethod::Copy => copy_logins(&tx, part.logins).await?,
         WriteMethod::UnnestInsert => insert_logins(&tx, part.logins).await?,
     };

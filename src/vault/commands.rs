@@ -2,13 +2,11 @@
 //! their `pii_access_log` row in the same transaction as what they read or erase, before
 //! anything is shown; `reveal` needs `kms:Decrypt`, which ingest never has.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{Column, DataKey, VaultError};
+use super::{Column, KeyRing, VaultError};
 
 /// Which rows `reveal` opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,14 +52,15 @@ pub struct Revealed {
 }
 
 /// Who is asking: the operating-system user and the database role.
-async fn who(tx: &tokio_postgres::Transaction<'_>) -> Result<String, tokio_postgres::Error> {
+async fn who(tx: &impl tokio_postgres::GenericClient) -> Result<String, tokio_postgres::Error> {
     let role: String = tx.query_one("SELECT session_user::text", &[]).await?.get(0);
     let os_user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
     Ok(format!("{os_user} (database role {role})"))
 }
 
-async fn audit(
-    tx: &tokio_postgres::Transaction<'_>,
+/// Appends an access-log row: who, why, what action, which messages.
+pub(crate) async fn audit(
+    tx: &impl tokio_postgres::GenericClient,
     action: &str,
     reason: &str,
     message_ids: &[String],
@@ -75,7 +74,7 @@ async fn audit(
     Ok(())
 }
 
-fn db_error(err: tokio_postgres::Error) -> VaultError {
+pub(crate) fn db_error(err: tokio_postgres::Error) -> VaultError {
     VaultError::Database(crate::error_chain(&err))
 }
 
@@ -83,7 +82,7 @@ fn db_error(err: tokio_postgres::Error) -> VaultError {
 /// before any value is decrypted.
 pub async fn reveal(
     client: &mut tokio_postgres::Client,
-    kms: &aws_sdk_kms::Client,
+    keys: &mut KeyRing,
     lookup: &Lookup,
     reason: &str,
 ) -> Result<Vec<Revealed>, VaultError> {
@@ -109,7 +108,6 @@ pub async fn reveal(
     audit(&tx, "reveal", reason, &ids).await.map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
 
-    let mut keys: HashMap<Uuid, DataKey> = HashMap::new();
     let mut revealed = Vec::with_capacity(rows.len());
     for row in rows {
         let message_id: String = row.get(0);
@@ -125,10 +123,8 @@ pub async fn reveal(
             message_id,
         };
         if entry.erased_at.is_none() {
-            if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(data_key_id) {
-                slot.insert(unwrap_key(kms, data_key_id, row.get(7)).await?);
-            }
-            let key = &keys[&data_key_id];
+            let wrapped: Vec<u8> = row.get(7);
+            let key = keys.key(data_key_id, &wrapped).await?;
             let open = |column: Column, sealed: Option<Vec<u8>>| {
                 sealed
                     .map(|sealed| key.open(&entry.message_id, column, &sealed))
@@ -145,19 +141,8 @@ pub async fn reveal(
     Ok(revealed)
 }
 
-/// Asks KMS to unwrap a stored data key (`kms:Decrypt`).
-async fn unwrap_key(kms: &aws_sdk_kms::Client, id: Uuid, wrapped: Vec<u8>) -> Result<DataKey, VaultError> {
-    let out = kms
-        .decrypt()
-        .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(wrapped))
-        .send()
-        .await
-        .map_err(|err| VaultError::Kms(crate::error_chain(&aws_sdk_kms::Error::from(err))))?;
-    let plaintext = out.plaintext.ok_or_else(|| VaultError::Kms("no plaintext in the answer".into()))?;
-    DataKey::from_plaintext(id, plaintext.into_inner())
-}
-
-/// Erases a user's sealed values (their masks stay). Returns the message ids erased.
+/// Erases a user's sealed values (their masks stay): those of their rows, and the sealed bodies
+/// of quarantined messages that name them. Returns the message ids erased.
 pub async fn forget(
     client: &mut tokio_postgres::Client,
     user_id: &str,
@@ -168,8 +153,11 @@ pub async fn forget(
         .query(
             "UPDATE user_logins_pii p
              SET sealed_ip = NULL, sealed_device_id = NULL, sealed_body = NULL, erased_at = now()
-             FROM user_logins l
-             WHERE l.message_id = p.message_id AND l.user_id = $1 AND p.erased_at IS NULL
+             WHERE p.erased_at IS NULL AND p.message_id IN (
+                 SELECT message_id FROM user_logins WHERE user_id = $1
+                 UNION ALL
+                 -- Quarantined bodies of the user: their clear copy keeps user_id as it came.
+                 SELECT message_id FROM user_logins_quarantine WHERE strpos(masked_body, '\"' || $1 || '\"') > 0)
              RETURNING p.message_id",
             &[&user_id],
         )

@@ -11,7 +11,11 @@
 //! Sealed format: `[1][nonce: 12 bytes][ciphertext + 16-byte tag]`.
 
 pub mod commands;
+mod quarantined;
+pub mod remask;
+pub mod replay;
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -186,6 +190,35 @@ impl Vault {
                 }
             }
         }
+    }
+}
+
+/// Data keys unwrapped by KMS (`kms:Decrypt`) for the recovery commands, each asked for once
+/// per command however many values it opens.
+pub struct KeyRing {
+    kms: aws_sdk_kms::Client,
+    keys: HashMap<Uuid, DataKey>,
+}
+
+impl KeyRing {
+    pub fn new(kms: aws_sdk_kms::Client) -> KeyRing {
+        KeyRing { kms, keys: HashMap::new() }
+    }
+
+    /// The data key `id`, unwrapped from `wrapped` by KMS the first time it is asked for.
+    pub async fn key(&mut self, id: Uuid, wrapped: &[u8]) -> Result<&DataKey, VaultError> {
+        if !self.keys.contains_key(&id) {
+            let out = self
+                .kms
+                .decrypt()
+                .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(wrapped))
+                .send()
+                .await
+                .map_err(|err| VaultError::Kms(crate::error_chain(&aws_sdk_kms::Error::from(err))))?;
+            let plaintext = out.plaintext.ok_or_else(|| VaultError::Kms("no plaintext in the answer".into()))?;
+            self.keys.insert(id, DataKey::from_plaintext(id, plaintext.into_inner())?);
+        }
+        Ok(&self.keys[&id])
     }
 }
 

@@ -262,8 +262,13 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 
 /// The expected mask, computed independently of loginflow's masker.
 pub fn hmac_hex(value: &str) -> String {
+    hmac_hex_with(MASK_KEY, value)
+}
+
+/// The expected mask under `key`.
+pub fn hmac_hex_with(key: &str, value: &str) -> String {
     use hmac::{Hmac, Mac};
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(MASK_KEY.as_bytes()).expect("any key length");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
     mac.update(value.as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }

@@ -179,3 +179,226 @@ async fn a_moved_sealed_value_does_not_open_and_forget_erases_a_user() {
         .get(0);
     assert_eq!(forgets, 1);
 }
+
+/// A login body with chosen fields: a pool of few addresses and device ids, so equal raw values recur.
+fn login_body(i: usize, device_type: &str) -> (String, String, String, String) {
+    let user = format!("user-{i:05}");
+    let ip = format!("198.51.100.{}", i % 37);
+    let device_id = format!("{:03}-{:02}-{:04}", 100 + i % 23, 10 + i % 23, 1000 + i % 23);
+    let body = serde_json::json!({"user_id": user, "app_version": "2.3.0", "device_type": device_type,
+                                  "ip": ip, "locale": "RU", "device_id": device_id})
+    .to_string();
+    (body, user, ip, device_id)
+}
+
+/// Every table and the access log as text, and the sealed columns' bytes: for leak scans.
+async fn assert_no_raw_value_outside_the_vault(db: &tokio_postgres::Client, raw: &[&str]) {
+    let mut visible = dump_tables(db).await;
+    for table in ["pii_access_log", "pii_data_keys"] {
+        for row in db.query(&format!("SELECT t::text FROM {table} t"), &[]).await.unwrap() {
+            visible.push_str(row.get::<_, &str>(0));
+        }
+    }
+    for value in raw {
+        assert!(!visible.contains(value), "raw value {value} outside the vault");
+    }
+}
+
+#[tokio::test]
+async fn remask_to_a_new_key_changes_every_mask_consistently_and_survives_being_killed_halfway() {
+    const NEW_KEY: &str = "rotated-integration-key-fedcba9876543210";
+    let env = TestEnv::new().await;
+    let key = kms_key(&env).await;
+    let logins: Vec<_> = (0..2000).map(|i| login_body(i, "android")).collect();
+    let mut bodies: Vec<String> = logins.iter().map(|l| l.0.clone()).collect();
+    // Quarantined, with PII under other keys: their clear copies are re-scrubbed too.
+    let hidden_ip = "203.0.113.201";
+    bodies.push(serde_json::json!({"client_ip": hidden_ip, "user": "q-1"}).to_string());
+    bodies.push(format!("not json, from {hidden_ip}"));
+    env.publish(bodies).await;
+    let summary = env.drain(&["--pii-kms-key-id", &key]).await;
+    assert_eq!((summary.written, summary.quarantined), (2000, 2));
+
+    let new_key_id =
+        loginflow::mask::Masker::new(&secrecy::SecretString::from(NEW_KEY.to_owned())).key_id().to_string();
+    let raw_by_user: HashMap<&str, (&str, &str)> =
+        logins.iter().map(|(_, user, ip, device)| (user.as_str(), (ip.as_str(), device.as_str()))).collect();
+    let db = env.db().await;
+    let old_key_id: String = db.query_one("SELECT min(mask_key_id) FROM user_logins", &[]).await.unwrap().get(0);
+    assert_ne!(old_key_id, new_key_id);
+
+    // Every row is wholly under one key: masks, and the key id that names them.
+    let assert_consistent = |rows: Vec<tokio_postgres::Row>| {
+        let mut under_new = 0;
+        for row in rows {
+            let (user, masked_ip, masked_device, key_id): (String, String, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let (ip, device) = raw_by_user[user.as_str()];
+            let key = if key_id == new_key_id {
+                under_new += 1;
+                NEW_KEY
+            } else {
+                assert_eq!(key_id, old_key_id);
+                MASK_KEY
+            };
+            assert_eq!(masked_ip, hmac_hex_with(key, ip), "{user}: ip mask and key id agree");
+            assert_eq!(masked_device, hmac_hex_with(key, device), "{user}: device mask and key id agree");
+        }
+        under_new
+    };
+    let select = "SELECT user_id, masked_ip, masked_device_id, mask_key_id FROM user_logins";
+
+    // Killed halfway: started, then SIGKILLed as soon as some batches have committed.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_loginflow"))
+        .args(["remask", "--batch-rows", "5"])
+        .envs(env.binary_env())
+        .env("MASK_KEY", NEW_KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("remask starts");
+    let count_new = "SELECT count(*) FROM user_logins WHERE mask_key_id = $1";
+    let waited = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        loop {
+            let done: i64 = db.query_one(count_new, &[&new_key_id]).await.unwrap().get(0);
+            if done > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "remask committed a batch");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let at_kill = assert_consistent(db.query(select, &[]).await.unwrap());
+    assert!(at_kill > 0 && at_kill < 2000, "killed halfway: {at_kill} of 2000 rows re-masked");
+
+    // Run again: it resumes, and finishes every row.
+    let out = run_binary(&env, &["remask", "--batch-rows", "200"], &[("MASK_KEY", NEW_KEY)]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["rows"], 2000 - at_kill as u64, "{report}");
+    assert_eq!(report["left_under_an_older_key"], 0, "{report}");
+    assert_eq!(assert_consistent(db.query(select, &[]).await.unwrap()), 2000);
+    let shared: i64 = db.query_one("SELECT count(DISTINCT masked_ip) FROM user_logins", &[]).await.unwrap().get(0);
+    assert_eq!(shared, 37, "equal raw addresses still share one mask");
+
+    // Quarantine copies: under the new key, the hidden address masked with it, never raw.
+    let quarantine = db.query("SELECT masked_body, mask_key_id FROM user_logins_quarantine", &[]).await.unwrap();
+    assert_eq!(quarantine.len(), 2);
+    for row in &quarantine {
+        let (body, key_id): (String, String) = (row.get(0), row.get(1));
+        assert_eq!(key_id, new_key_id);
+        assert!(body.contains(&hmac_hex_with(NEW_KEY, hidden_ip)) && !body.contains(hidden_ip), "{body}");
+    }
+
+    // A third run has nothing to do; every batch was audited.
+    let out = run_binary(&env, &["remask"], &[("MASK_KEY", NEW_KEY)]).await;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["rows"].as_u64(), report["quarantined"].as_u64()), (Some(0), Some(0)), "{report}");
+    let audited: i64 = db
+        .query_one("SELECT count(DISTINCT m) FROM pii_access_log, unnest(message_ids) m WHERE action = 'remask'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 2002, "every message whose sealed values were opened is in the access log");
+    let mut raw: Vec<&str> = logins.iter().flat_map(|l| [l.2.as_str(), l.3.as_str()]).collect();
+    raw.push(hidden_ip);
+    assert_no_raw_value_outside_the_vault(&db, &raw).await;
+}
+
+#[tokio::test]
+async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_rows_exactly_once() {
+    let env = TestEnv::new().await;
+    let key = kms_key(&env).await;
+    env.migrated_sink().await;
+    let db = env.db().await;
+    // A stricter rule of the database: no tablets (relaxed later).
+    db.batch_execute("ALTER TABLE user_logins ADD CONSTRAINT no_tablets CHECK (device_type <> 'tablet')")
+        .await
+        .unwrap();
+    let logins: Vec<_> = (0..200).map(|i| login_body(i, if i % 10 == 3 { "tablet" } else { "android" })).collect();
+    let mut bodies: Vec<String> = logins.iter().map(|l| l.0.clone()).collect();
+    // SNS envelopes: quarantined while the pipeline reads bodies raw (a stricter input rule).
+    let wrapped: Vec<_> = (200..205).map(|i| login_body(i, "ios")).collect();
+    for (i, (event, ..)) in wrapped.iter().enumerate() {
+        bodies.push(
+            serde_json::json!({"Type": "Notification", "MessageId": format!("sns-{i}"),
+                               "TopicArn": "arn:aws:sns:us-east-1:000000000000:logins", "Message": event})
+            .to_string(),
+        );
+    }
+    // Malformed for good.
+    for i in 0..3 {
+        bodies.push(serde_json::json!({"foo": "oops", "ip": format!("203.0.113.{}", 50 + i)}).to_string());
+    }
+    let sent = env.publish_with_ids(&bodies).await;
+    let summary = env.drain(&["--pii-kms-key-id", &key, "--input-format", "raw"]).await;
+    assert_eq!((summary.written, summary.quarantined), (180, 28), "{summary:?}");
+
+    let replay = |args: &'static [&'static str]| {
+        let env = &env;
+        async move {
+            let mut argv = vec!["quarantine", "replay"];
+            argv.extend_from_slice(args);
+            let out = run_binary(env, &argv, &[]).await;
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        }
+    };
+    let counts = || async {
+        let row = db
+            .query_one("SELECT (SELECT count(*) FROM user_logins), (SELECT count(*) FROM user_logins_quarantine)", &[])
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+
+    // While the rule still holds, the refused rows are refused again and stay.
+    let report = replay(&["--reason", "db_rejected"]).await;
+    assert_eq!(report["examined"], 20, "{report}");
+    assert_eq!(report["written"], 0, "{report}");
+    assert_eq!(report["still_quarantined"]["db_rejected"], 20, "{report}");
+    assert_eq!(counts().await, (180, 28));
+
+    // Rules relaxed: the database's and the input's.
+    db.batch_execute("ALTER TABLE user_logins DROP CONSTRAINT no_tablets").await.unwrap();
+    let report = replay(&["--input-format", "auto"]).await;
+    assert_eq!(report["examined"], 28, "{report}");
+    assert_eq!(report["written"], 25, "{report}");
+    assert_eq!(report["still_quarantined"], serde_json::json!({"missing_field": 3}), "{report}");
+    assert_eq!(counts().await, (205, 3));
+    env.assert_exactly_once(&sent).await;
+
+    // The replayed rows are masked and sealed as the pipeline would have done it.
+    for (_, user, ip, device) in logins.iter().filter(|l| l.0.contains("tablet")).chain(&wrapped) {
+        let row = db
+            .query_one("SELECT masked_ip, masked_device_id, message_id FROM user_logins WHERE user_id = $1", &[user])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), hmac_hex(ip));
+        assert_eq!(row.get::<_, String>(1), hmac_hex(device));
+        if user == &wrapped[0].1 {
+            let id: String = row.get(2);
+            let lines = reveal(&env, &["--message-id", &id]).await;
+            assert_eq!(
+                (lines[0]["ip"].as_str(), lines[0]["device_id"].as_str()),
+                (Some(ip.as_str()), Some(device.as_str()))
+            );
+        }
+    }
+
+    // Idempotent: a second run finds only what still fails.
+    let report = replay(&[]).await;
+    assert_eq!((report["examined"].as_u64(), report["written"].as_u64()), (Some(3), Some(0)), "{report}");
+    assert_eq!(counts().await, (205, 3));
+    env.assert_exactly_once(&sent).await;
+    let replays: i64 =
+        db.query_one("SELECT count(*) FROM pii_access_log WHERE action = 'replay'", &[]).await.unwrap().get(0);
+    assert!(replays >= 3);
+    let mut raw: Vec<&str> = logins.iter().chain(&wrapped).flat_map(|l| [l.2.as_str(), l.3.as_str()]).collect();
+    raw.extend(["203.0.113.50", "203.0.113.51", "203.0.113.52"]);
+    assert_no_raw_value_outside_the_vault(&db, &raw).await;
+}

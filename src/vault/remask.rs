@@ -1,0 +1,190 @@
+//! `loginflow remask`: mask-key rotation. Every row whose `mask_key_id` is not the current
+//! key's is re-masked from its sealed raw values, a batch per transaction, so the job runs
+//! beside the pipeline, can be stopped at any point, and resumes where it stopped (rows done
+//! carry the new key id, and a batch is all or nothing). Equal raw values get equal masks
+//! under the new key, as under the old, so analysts' joins and counts hold once the job is
+//! done. Quarantine copies are re-scrubbed under the new key the same way.
+//!
+//! Rows with nothing sealed (stored with the vault off, or erased by `forget`) cannot be
+//! re-masked: they keep their masks and their old `mask_key_id`, and are counted.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::commands::{audit, db_error};
+use super::quarantined::{self, Original};
+use super::{Column, KeyRing, VaultError};
+use crate::decode::decode;
+use crate::mask::{Masker, MessageMeta, QuarantineRecord};
+use crate::sink::Sink;
+use crate::source::envelope::{self, InputFormat, Unwrapped};
+
+/// What a remask did.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct RemaskReport {
+    /// The new key's id (`mask_key_id` of every row re-masked).
+    pub mask_key_id: String,
+    /// Rows of `user_logins` re-masked.
+    pub rows: u64,
+    /// Quarantine copies re-scrubbed.
+    pub quarantined: u64,
+    /// Rows and quarantine records left under an older key: nothing sealed to re-mask from.
+    pub left_under_an_older_key: u64,
+    /// Sealed values that did not open (moved or tampered with); left as they are.
+    pub does_not_open: u64,
+}
+
+/// Re-masks every row and quarantine copy not masked under `masker`'s key.
+pub async fn remask(
+    sink: &Sink,
+    keys: &mut KeyRing,
+    masker: &Masker,
+    batch_rows: usize,
+    why: &str,
+) -> Result<RemaskReport, VaultError> {
+    let new_key: &str = masker.key_id();
+    let mut report = RemaskReport { mask_key_id: new_key.to_owned(), ..RemaskReport::default() };
+    remask_rows(sink, keys, masker, batch_rows, why, &mut report).await?;
+    remask_quarantine(sink, keys, masker, batch_rows, why, &mut report).await?;
+    let client = database(sink).await?;
+    let left = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM user_logins WHERE mask_key_id IS DISTINCT FROM $1)
+                  + (SELECT count(*) FROM user_logins_quarantine WHERE mask_key_id IS DISTINCT FROM $1)",
+            &[&new_key],
+        )
+        .await
+        .map_err(db_error)?;
+    report.left_under_an_older_key = (left.get::<_, i64>(0) as u64).saturating_sub(report.does_not_open);
+    Ok(report)
+}
+
+async fn database(sink: &Sink) -> Result<deadpool_postgres::Object, VaultError> {
+    sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))
+}
+
+async fn remask_rows(
+    sink: &Sink,
+    keys: &mut KeyRing,
+    masker: &Masker,
+    batch_rows: usize,
+    why: &str,
+    report: &mut RemaskReport,
+) -> Result<(), VaultError> {
+    let new_key: &str = masker.key_id();
+    let mut after = String::new();
+    loop {
+        let mut client = database(sink).await?;
+        let page = client
+            .query(
+                "SELECT l.message_id, p.data_key_id, k.wrapped_key, p.sealed_ip, p.sealed_device_id
+                 FROM user_logins l
+                 JOIN user_logins_pii p ON p.message_id = l.message_id
+                 JOIN pii_data_keys k ON k.id = p.data_key_id
+                 WHERE l.message_id > $1 AND l.mask_key_id IS DISTINCT FROM $2
+                   AND p.sealed_ip IS NOT NULL AND p.sealed_device_id IS NOT NULL
+                 ORDER BY l.message_id
+                 LIMIT $3",
+                &[&after, &new_key, &(batch_rows as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        let Some(last) = page.last() else { return Ok(()) };
+        after = last.get(0);
+        let ids: Vec<String> = page.iter().map(|row| row.get(0)).collect();
+        audit(&**client, "remask", why, &ids).await.map_err(db_error)?;
+
+        let (mut done_ids, mut ips, mut device_ids) = (Vec::new(), Vec::new(), Vec::new());
+        for row in &page {
+            let message_id: String = row.get(0);
+            let key_id: Uuid = row.get(1);
+            let wrapped: Vec<u8> = row.get(2);
+            let key = keys.key(key_id, &wrapped).await?;
+            let open = |column, sealed: Vec<u8>| key.open(&message_id, column, &sealed);
+            match (open(Column::Ip, row.get(3)), open(Column::DeviceId, row.get(4))) {
+                (Ok(ip), Ok(device_id)) => {
+                    ips.push(masker.mask(&String::from_utf8_lossy(&ip)));
+                    device_ids.push(masker.mask(&String::from_utf8_lossy(&device_id)));
+                    done_ids.push(message_id);
+                }
+                _ => report.does_not_open += 1,
+            }
+        }
+        let tx = client.transaction().await.map_err(db_error)?;
+        report.rows += tx
+            .execute(
+                "UPDATE user_logins l SET masked_ip = v.ip, masked_device_id = v.device_id, mask_key_id = $4
+                 FROM UNNEST($1::text[], $2::text[], $3::text[]) AS v(message_id, ip, device_id)
+                 WHERE l.message_id = v.message_id AND l.mask_key_id IS DISTINCT FROM $4",
+                &[&done_ids, &ips, &device_ids, &new_key],
+            )
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+    }
+}
+
+async fn remask_quarantine(
+    sink: &Sink,
+    keys: &mut KeyRing,
+    masker: &Masker,
+    batch_rows: usize,
+    why: &str,
+    report: &mut RemaskReport,
+) -> Result<(), VaultError> {
+    let new_key: &str = masker.key_id();
+    let mut after = String::new();
+    loop {
+        let mut client = database(sink).await?;
+        let page = quarantined::page(&**client, &after, batch_rows, None, Some(new_key)).await?;
+        let Some(last) = page.last() else { return Ok(()) };
+        after = last.message_id.clone();
+        let ids: Vec<String> = page.iter().filter(|q| q.key.is_some()).map(|q| q.message_id.clone()).collect();
+        audit(&**client, "remask", why, &ids).await.map_err(db_error)?;
+
+        let (mut done_ids, mut bodies) = (Vec::new(), Vec::new());
+        for row in &page {
+            let Some((key_id, wrapped)) = &row.key else { continue };
+            let key = keys.key(*key_id, wrapped).await?;
+            let masked_body = match row.original(key) {
+                Ok(Some(original)) => {
+                    let sent_at = row.sent_at.unwrap_or_else(chrono::Utc::now);
+                    quarantine_copy(masker, MessageMeta { message_id: row.message_id.clone(), sent_at }, &original)
+                }
+                Ok(None) => continue,
+                Err(_) => {
+                    report.does_not_open += 1;
+                    continue;
+                }
+            };
+            done_ids.push(row.message_id.clone());
+            bodies.push(masked_body);
+        }
+        let tx = client.transaction().await.map_err(db_error)?;
+        report.quarantined += tx
+            .execute(
+                "UPDATE user_logins_quarantine q SET masked_body = v.body, mask_key_id = $3
+                 FROM UNNEST($1::text[], $2::text[]) AS v(message_id, body)
+                 WHERE q.message_id = v.message_id AND q.mask_key_id IS DISTINCT FROM $3",
+                &[&done_ids, &bodies, &new_key],
+            )
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+    }
+}
+
+/// The clear copy of a quarantined message under `masker`, made as the pipeline makes it: the
+/// scrubbed event (an SNS envelope's `Message`), or a refused row's masked fields.
+fn quarantine_copy(masker: &Masker, meta: MessageMeta, original: &Original) -> String {
+    match original {
+        Original::Rebuilt(event) => match decode(event) {
+            Ok(login) => QuarantineRecord::db_rejected(&masker.mask_login(login, meta), "").masked_body,
+            Err(_) => masker.mask_body(event),
+        },
+        Original::Received(body) => match envelope::unwrap(body, InputFormat::Auto) {
+            Ok(Unwrapped::Sns { message, .. }) => masker.mask_body(&message),
+            _ => masker.mask_body(body),
+        },
+    }
+}

@@ -1,0 +1,110 @@
+//! `loginflow quarantine replay`: quarantined messages re-run from the vault through today's
+//! validator. Each one goes the pipeline's way ([`crate::pipeline::to_record`]): a message that
+//! now passes becomes a row under its own message id and leaves quarantine in the same
+//! transaction ([`Sink::replace`]); one that still fails stays, with its new reason. A row
+//! the database refuses again is quarantined as `db_rejected` with its new SQLSTATE, as in
+//! the pipeline. Batches commit one by one, so the command can be stopped and run again; a
+//! second run finds only what still fails.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::commands::{audit, db_error};
+use super::quarantined::{self, Original};
+use super::{KeyRing, VaultError};
+use crate::mask::{Masker, MessageMeta};
+use crate::pipeline::{to_record, Record};
+use crate::sink::Sink;
+use crate::source::envelope::{self, InputFormat};
+
+/// What a replay did.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Quarantined messages looked at.
+    pub examined: u64,
+    /// Now rows in `user_logins` (and out of quarantine).
+    pub written: u64,
+    /// Already had a row under their message id; taken out of quarantine.
+    pub already_stored: u64,
+    /// Still quarantined, by their new reason.
+    pub still_quarantined: BTreeMap<String, u64>,
+    /// Nothing sealed to replay from (stored with the vault off, or erased by `forget`).
+    pub not_sealed: u64,
+    /// Sealed values that did not open (moved or tampered with); left as they are.
+    pub does_not_open: u64,
+    /// Refused by the database even as a quarantine record; left as they were.
+    pub unstorable: u64,
+}
+
+/// Replays the quarantined messages (only those quarantined for `reason`, when given).
+pub async fn replay(
+    sink: &Sink,
+    keys: &mut KeyRing,
+    masker: &Masker,
+    reason: Option<&str>,
+    input_format: InputFormat,
+    batch_rows: usize,
+    why: &str,
+) -> Result<ReplayReport, VaultError> {
+    let mut report = ReplayReport::default();
+    let never = CancellationToken::new();
+    let mut after = String::new();
+    loop {
+        let client = sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))?;
+        let page = quarantined::page(&**client, &after, batch_rows, reason, None).await?;
+        let Some(last) = page.last() else { break };
+        after = last.message_id.clone();
+        let ids: Vec<String> = page.iter().filter(|q| q.key.is_some()).map(|q| q.message_id.clone()).collect();
+        audit(&**client, "replay", why, &ids).await.map_err(db_error)?;
+        drop(client);
+
+        let (mut logins, mut still) = (Vec::new(), Vec::new());
+        for row in &page {
+            report.examined += 1;
+            let Some((key_id, wrapped)) = &row.key else {
+                report.not_sealed += 1;
+                continue;
+            };
+            let key = keys.key(*key_id, wrapped).await?;
+            let original = match row.original(key) {
+                Ok(Some(original)) => original,
+                Ok(None) => {
+                    report.not_sealed += 1;
+                    continue;
+                }
+                Err(_) => {
+                    report.does_not_open += 1;
+                    continue;
+                }
+            };
+            let format = match original {
+                Original::Received(_) => input_format,
+                Original::Rebuilt(_) => InputFormat::Raw,
+            };
+            let body = original.body();
+            let meta =
+                MessageMeta { message_id: row.message_id.clone(), sent_at: row.sent_at.unwrap_or_else(Utc::now) };
+            match to_record(masker, Some(key), meta, body, &envelope::unwrap(body, format)) {
+                Record::Login(login) => logins.push(login),
+                Record::Quarantine(record) => still.push(record),
+                Record::Duplicate => {}
+            }
+        }
+        let committed = sink
+            .replace(&logins, &still, &never)
+            .await
+            .map_err(|err| VaultError::Database(crate::error_chain(&err)))?;
+        report.written += committed.written;
+        report.already_stored += committed.already_stored;
+        report.unstorable += committed.unstorable.len() as u64;
+        // A login the database refused again comes back in `rejected`, quarantined anew.
+        let kept = still.iter().filter(|r| !committed.unstorable.contains(&r.message_id));
+        for record in kept.chain(committed.rejected.iter()) {
+            *report.still_quarantined.entry(record.reason.as_str().to_owned()).or_default() += 1;
+        }
+    }
+    Ok(report)
+}
