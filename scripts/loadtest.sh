@@ -52,7 +52,10 @@ bare_client() {
   echo "[loadtest] A. bare SDK client: $N messages, $POLLERS pollers ($1)"
   local queue rate
   queue=$(seed "lt-bare-$1-$run_id" "$N")
-  read -r _ _ rate < <(/usr/bin/time -v -o "$OUT/time-bare-$1.txt" target/release/examples/bare_sqs_client "$queue" "$N" "$POLLERS")
+  # Not a process substitution: /usr/bin/time writes its file only after the client exits.
+  /usr/bin/time -v -o "$OUT/time-bare-$1.txt" target/release/examples/bare_sqs_client "$queue" "$N" "$POLLERS" \
+    >"$OUT/bare-$1.txt"
+  read -r _ _ rate <"$OUT/bare-$1.txt"
   bare_rates+=("$rate")
   bare_cpu+=("$(cpu_us_per_message "$OUT/time-bare-$1.txt")")
 }

@@ -250,6 +250,13 @@ pub struct RunArgs {
           value_parser = count(1, 64))]
     pub mask_concurrency: usize,
 
+    /// Threads that run the pipeline (1..=256). One thread is the cheapest per message: it spends
+    /// no CPU handing work between threads, and it carries several thousand messages a second
+    /// (BENCHMARKS.md). Raise it when one process must carry more; or run more replicas.
+    #[arg(long, env = "WORKER_THREADS", value_name = "WORKER_THREADS", default_value = "1",
+          value_parser = count(1, 256))]
+    pub worker_threads: usize,
+
     /// Batches written to PostgreSQL at once, one connection each (1..=64).
     #[arg(long, env = "SINK_CONNECTIONS", value_name = "SINK_CONNECTIONS", default_value = "2",
           value_parser = count(1, 64))]
@@ -371,7 +378,7 @@ pub struct ForgetArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// The user whose sealed values are erased.
-    #[arg(long, value_name = "USER_ID")]
+    #[arg(long, value_name = "USER_ID", value_parser = non_empty)]
     pub user_id: String,
     /// Why (recorded in pii_access_log).
     #[arg(long, value_name = "TEXT", value_parser = non_empty)]
@@ -486,6 +493,7 @@ mod tests {
         let Command::Run(run) = cli.command else { panic!("expected run") };
         let run = *run;
         assert_eq!(run.pollers, 4);
+        assert_eq!(run.worker_threads, 1);
         assert_eq!(run.max_inflight_bytes, 64 << 20);
         assert!(run.validate().is_ok());
         assert_eq!(run.sqs.queue_name(), "login-queue");
@@ -507,6 +515,8 @@ mod tests {
         for (flag, variable, value) in [
             ("--batch-max-rows", "BATCH_MAX_ROWS", "10001"),
             ("--pollers", "POLLERS", "257"),
+            ("--worker-threads", "WORKER_THREADS", "0"),
+            ("--worker-threads", "WORKER_THREADS", "257"),
             ("--sink-connections", "SINK_CONNECTIONS", "65"),
             ("--mask-concurrency", "MASK_CONCURRENCY", "65"),
             ("--max-inflight-bytes", "MAX_INFLIGHT_BYTES", "1000"),

@@ -32,11 +32,26 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match cli.command {
+    // One thread (the default for `run`) is a current-thread runtime: every task runs where it
+    // is woken, with no hand-off between threads (BENCHMARKS.md). Other commands use one
+    // worker per core.
+    let mut runtime = match &cli.command {
+        Command::Run(args) if args.worker_threads == 1 => tokio::runtime::Builder::new_current_thread(),
+        Command::Run(args) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(args.worker_threads);
+            builder
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    runtime.enable_all().build().context("cannot start the async runtime")?.block_on(command(cli.command))
+}
+
+async fn command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(args) => match loginflow::run(*args, loginflow::shutdown_signal()).await {
             Ok(summary) => println!("{}", serde_json::to_string_pretty(&summary_json(&summary))?),
             Err(err) => {
@@ -131,10 +146,14 @@ async fn vault_connection(args: &loginflow::config::DatabaseArgs) -> anyhow::Res
     Ok(client)
 }
 
+/// Deadline of each statement and batch of `remask` and `quarantine replay`.
+const VAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// What `remask` and `quarantine replay` work with: the database (schema in place), KMS, the mask key.
 async fn vault_job(args: &VaultJobArgs) -> anyhow::Result<(Sink, KeyRing, Masker)> {
     let masker = Masker::new(&args.mask.load()?);
-    let sink = Sink::new(args.database.database_url.clone(), 1);
+    // Statements of a batch job may scan a large table: a longer deadline than the pipeline's flush.
+    let sink = Sink::with_flush_timeout(args.database.database_url.clone(), 1, VAULT_JOB_TIMEOUT);
     sink.migrate().await.context("cannot use the database in DATABASE_URL")?;
     let keys = KeyRing::new(aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws).await));
     Ok((sink, keys, masker))

@@ -41,6 +41,8 @@ use acks::Stored;
 pub use summary::RunSummary;
 use summary::Stats;
 
+/// A receive batch with more bytes of bodies than this is processed on a blocking thread.
+const LARGE_BATCH_BYTES: usize = 256 << 10;
 /// After the grace period, how long cancelled work may take to unwind before `run` returns anyway.
 const ABORT_WAIT: Duration = Duration::from_secs(3);
 /// Committed windows waiting for the acknowledgement stage (then the sink waits).
@@ -417,13 +419,18 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         .map(move |batch: Vec<Envelope>| {
             let stages = process_stage.clone();
             let receipts: Vec<String> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
+            // Large bodies take milliseconds each to scrub and seal: off the runtime's threads, so
+            // the pollers, visibility extension and database connections keep running meanwhile.
+            let large = batch.iter().map(|e| e.body.len()).sum::<usize>() > LARGE_BATCH_BYTES;
             async move {
-                match tokio::spawn({
+                let processing = {
                     let stages = stages.clone();
-                    async move { stages.process(batch) }
-                })
-                .await
-                {
+                    match large {
+                        true => tokio::task::spawn_blocking(move || stages.process(batch)),
+                        false => tokio::spawn(async move { stages.process(batch) }),
+                    }
+                };
+                match processing.await {
                     Ok(items) => items,
                     Err(err) => {
                         // A bug, not bad data: leave the messages for redelivery (and, at last, the DLQ).

@@ -72,13 +72,36 @@ INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sen
 SELECT *, $7::text FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
 ON CONFLICT (message_id) DO NOTHING";
 
+/// [`INSERT_QUARANTINE`] for `quarantine replay`: a message still quarantined keeps its row
+/// (and `received_at`), with its new reason and copy; one that has a row meanwhile gets none.
+const UPSERT_QUARANTINE: &str = "\
+INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sent_at, mask_key_id, transform_version)
+SELECT v.*, $7::text FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+    AS v(message_id, reason, detail, masked_body, sent_at, mask_key_id)
+WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id)
+ON CONFLICT (message_id) DO UPDATE SET reason = EXCLUDED.reason, detail = EXCLUDED.detail,
+    masked_body = EXCLUDED.masked_body, mask_key_id = EXCLUDED.mask_key_id, transform_version = EXCLUDED.transform_version";
+
+/// Before replayed logins are written: their quarantine rows go, and so do their vault rows,
+/// unless erased (`forget` wins) or belonging to a row already stored under the id.
+const CLEAR_REPLAYED: &str = "\
+WITH gone AS (DELETE FROM user_logins_quarantine WHERE message_id = ANY($1))
+DELETE FROM user_logins_pii p
+WHERE p.message_id = ANY($1) AND p.erased_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = p.message_id)";
+
+/// Replayed records still quarantined whose id has a row meanwhile: stored, so out of quarantine.
+const CLEAR_STORED: &str = "\
+DELETE FROM user_logins_quarantine q
+WHERE q.message_id = ANY($1) AND EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = q.message_id)";
+
 const INSERT_SEALED: &str = "\
 INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_id, sealed_body)
 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[])
 ON CONFLICT (message_id) DO NOTHING";
 
 /// loginflow's version, recorded on every row (`transform_version`).
-const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Errors that fail a whole window: the database is unavailable or busy. The window is retried.
 #[derive(Debug, thiserror::Error)]
@@ -146,8 +169,7 @@ pub enum WriteMethod {
 #[derive(Debug, Clone, Copy)]
 struct Mode {
     method: WriteMethod,
-    /// Delete the quarantine and vault rows of the window's message ids first, in the same
-    /// transaction (`quarantine replay` stores a message anew).
+    /// `quarantine replay` stores messages stored before ([`Sink::replace`]).
     replace: bool,
 }
 
@@ -224,11 +246,12 @@ impl Sink {
         self.write_using(WriteMethod::Copy, logins, quarantine, cancel).await
     }
 
-    /// [`Sink::write`] for messages stored before (`quarantine replay`): in each transaction,
-    /// the quarantine and vault rows their message ids have are deleted first, so a message
-    /// that now passes leaves quarantine in the transaction that writes its row, and one that
-    /// still fails is recorded again with its new reason. A message id that already has a row
-    /// in `user_logins` keeps it (the unique index), so a message is stored once.
+    /// [`Sink::write`] for quarantined messages run again (`quarantine replay`). A login leaves
+    /// quarantine in the transaction that writes its row, and its vault row is replaced by the
+    /// login's sealed values (unless `forget` erased it, or the id has a row already, whose
+    /// values stay). A record still quarantined keeps its quarantine row, `received_at` and
+    /// sealed original, with its new reason and copy. An id with a row in `user_logins` is never
+    /// also left in quarantine, so each message is stored once.
     pub async fn replace(
         &self,
         logins: &[MaskedLogin],
@@ -426,20 +449,18 @@ async fn write_transaction(
 async fn write_once(client: &mut Object, mode: Mode, part: Part<'_>) -> Result<Committed, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     if mode.replace {
-        let ids: Vec<&str> = part
-            .logins
-            .iter()
-            .map(|l| l.message_id.as_str())
-            .chain(part.quarantine.iter().map(|q| q.message_id.as_str()))
-            .collect();
-        tx.execute("DELETE FROM user_logins_quarantine WHERE message_id = ANY($1)", &[&ids]).await?;
-        tx.execute("DELETE FROM user_logins_pii WHERE message_id = ANY($1)", &[&ids]).await?;
+        let login_ids: Vec<&str> = part.logins.iter().map(|l| l.message_id.as_str()).collect();
+        tx.execute(CLEAR_REPLAYED, &[&login_ids]).await?;
     }
     let written = match mode.method {
         WriteMethod::Copy => copy_logins(&tx, part.logins).await?,
         WriteMethod::UnnestInsert => insert_logins(&tx, part.logins).await?,
     };
-    let quarantined = insert_quarantine(&tx, part.quarantine).await?;
+    let quarantined = insert_quarantine(&tx, part.quarantine, mode.replace).await?;
+    if mode.replace {
+        let ids: Vec<&str> = part.quarantine.iter().map(|q| q.message_id.as_str()).collect();
+        tx.execute(CLEAR_STORED, &[&ids]).await?;
+    }
     insert_sealed(
         &tx,
         part.logins.iter().map(|l| (&l.message_id, &l.sealed)),
@@ -529,6 +550,7 @@ async fn insert_logins(
 async fn insert_quarantine(
     tx: &deadpool_postgres::Transaction<'_>,
     records: &[QuarantineRecord],
+    replace: bool,
 ) -> Result<u64, tokio_postgres::Error> {
     let mut inserted = 0;
     let mut rest = records;
@@ -550,7 +572,7 @@ async fn insert_quarantine(
         let bodies: Vec<&str> = chunk.iter().map(|r| r.masked_body.as_str()).collect();
         let sent: Vec<DateTime<Utc>> = chunk.iter().map(|r| r.sent_at).collect();
         let mask_key_ids: Vec<&str> = chunk.iter().map(|r| &*r.mask_key_id).collect();
-        let statement = tx.prepare_cached(INSERT_QUARANTINE).await?;
+        let statement = tx.prepare_cached(if replace { UPSERT_QUARANTINE } else { INSERT_QUARANTINE }).await?;
         inserted += tx
             .execute(&statement, &[&ids, &reasons, &details, &bodies, &sent, &mask_key_ids, &TRANSFORM_VERSION])
             .await?;

@@ -148,6 +148,11 @@ pub async fn forget(
     user_id: &str,
     reason: &str,
 ) -> Result<Vec<String>, VaultError> {
+    // The user id as a JSON string, and as one inside a JSON-encoded string (a double-encoded
+    // record, an SNS envelope read raw): how it stands in a quarantined body's clear copy.
+    let quoted = serde_json::to_string(user_id).unwrap_or_default();
+    let escaped = serde_json::to_string(&quoted).unwrap_or_default();
+    let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or_default().to_owned();
     let tx = client.transaction().await.map_err(db_error)?;
     let rows = tx
         .query(
@@ -157,9 +162,10 @@ pub async fn forget(
                  SELECT message_id FROM user_logins WHERE user_id = $1
                  UNION ALL
                  -- Quarantined bodies of the user: their clear copy keeps user_id as it came.
-                 SELECT message_id FROM user_logins_quarantine WHERE strpos(masked_body, '\"' || $1 || '\"') > 0)
+                 SELECT message_id FROM user_logins_quarantine
+                 WHERE strpos(masked_body, $2) > 0 OR strpos(masked_body, $3) > 0)
              RETURNING p.message_id",
-            &[&user_id],
+            &[&user_id, &quoted, &escaped],
         )
         .await
         .map_err(db_error)?;

@@ -50,8 +50,13 @@ struct RefusedRow {
     app_version_text: String,
 }
 
-/// The quarantined messages after `after` (by message id), at most `limit`, optionally only
-/// those of one reason and those whose mask key is not `not_mask_key_id`.
+/// Most bytes of bodies (clear copies and sealed originals) read in one page, so a job's
+/// memory stays bounded whatever the size of the bodies (up to 1 MiB each).
+const PAGE_BYTES: i64 = 16 << 20;
+
+/// The quarantined messages after `after` (by message id), at most `limit` and [`PAGE_BYTES`]
+/// (at least one), optionally only those of one reason and those whose mask key is not
+/// `not_mask_key_id`.
 pub(crate) async fn page(
     client: &impl GenericClient,
     after: &str,
@@ -61,17 +66,31 @@ pub(crate) async fn page(
 ) -> Result<Vec<Quarantined>, VaultError> {
     let rows = client
         .query(
-            "SELECT q.message_id, q.reason, q.masked_body, q.sent_at,
+            "WITH page AS (
+                 SELECT q.message_id FROM user_logins_quarantine q
+                 WHERE q.message_id > $1
+                   AND ($2::text IS NULL OR q.reason = $2)
+                   AND ($3::text IS NULL OR q.mask_key_id IS DISTINCT FROM $3)
+                 ORDER BY q.message_id
+                 LIMIT $4
+             ), sized AS (
+                 SELECT page.message_id,
+                        sum(octet_length(q.masked_body) + coalesce(octet_length(p.sealed_body), 0))
+                            OVER (ORDER BY page.message_id) AS bytes,
+                        row_number() OVER (ORDER BY page.message_id) AS n
+                 FROM page
+                 JOIN user_logins_quarantine q ON q.message_id = page.message_id
+                 LEFT JOIN user_logins_pii p ON p.message_id = page.message_id AND p.erased_at IS NULL
+             )
+             SELECT q.message_id, q.reason, q.masked_body, q.sent_at,
                     p.data_key_id, k.wrapped_key, p.sealed_body, p.sealed_ip, p.sealed_device_id
-             FROM user_logins_quarantine q
+             FROM sized
+             JOIN user_logins_quarantine q ON q.message_id = sized.message_id
              LEFT JOIN user_logins_pii p ON p.message_id = q.message_id AND p.erased_at IS NULL
              LEFT JOIN pii_data_keys k ON k.id = p.data_key_id
-             WHERE q.message_id > $1
-               AND ($2::text IS NULL OR q.reason = $2)
-               AND ($3::text IS NULL OR q.mask_key_id IS DISTINCT FROM $3)
-             ORDER BY q.message_id
-             LIMIT $4",
-            &[&after, &reason, &not_mask_key_id, &(limit as i64)],
+             WHERE sized.bytes <= $5 OR sized.n = 1
+             ORDER BY q.message_id",
+            &[&after, &reason, &not_mask_key_id, &(limit as i64), &PAGE_BYTES],
         )
         .await
         .map_err(db_error)?;

@@ -16,7 +16,7 @@ use super::quarantined::{self, Original};
 use super::{Column, KeyRing, VaultError};
 use crate::decode::decode;
 use crate::mask::{Masker, MessageMeta, QuarantineRecord};
-use crate::sink::Sink;
+use crate::sink::{Sink, TRANSFORM_VERSION};
 use crate::source::envelope::{self, InputFormat, Unwrapped};
 
 /// What a remask did.
@@ -43,10 +43,11 @@ pub async fn remask(
     why: &str,
 ) -> Result<RemaskReport, VaultError> {
     let new_key: &str = masker.key_id();
-    let mut report = RemaskReport { mask_key_id: new_key.to_owned(), ..RemaskReport::default() };
-    remask_rows(sink, keys, masker, batch_rows, why, &mut report).await?;
-    remask_quarantine(sink, keys, masker, batch_rows, why, &mut report).await?;
-    let client = database(sink).await?;
+    let report = RemaskReport { mask_key_id: new_key.to_owned(), ..RemaskReport::default() };
+    let mut job = Job { sink, keys, masker, batch_rows, why, report };
+    job.remask_rows().await?;
+    job.remask_quarantine().await?;
+    let client = job.database().await?;
     let left = client
         .query_one(
             "SELECT (SELECT count(*) FROM user_logins WHERE mask_key_id IS DISTINCT FROM $1)
@@ -55,29 +56,35 @@ pub async fn remask(
         )
         .await
         .map_err(db_error)?;
+    let mut report = job.report;
     report.left_under_an_older_key = (left.get::<_, i64>(0) as u64).saturating_sub(report.does_not_open);
     Ok(report)
 }
 
-async fn database(sink: &Sink) -> Result<deadpool_postgres::Object, VaultError> {
-    sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))
+/// One run of `remask`: what it works with and what it did so far.
+struct Job<'a> {
+    sink: &'a Sink,
+    keys: &'a mut KeyRing,
+    masker: &'a Masker,
+    batch_rows: usize,
+    why: &'a str,
+    report: RemaskReport,
 }
 
-async fn remask_rows(
-    sink: &Sink,
-    keys: &mut KeyRing,
-    masker: &Masker,
-    batch_rows: usize,
-    why: &str,
-    report: &mut RemaskReport,
-) -> Result<(), VaultError> {
-    let new_key: &str = masker.key_id();
-    let mut after = String::new();
-    loop {
-        let mut client = database(sink).await?;
-        let page = client
-            .query(
-                "SELECT l.message_id, p.data_key_id, k.wrapped_key, p.sealed_ip, p.sealed_device_id
+impl Job<'_> {
+    async fn database(&self) -> Result<deadpool_postgres::Object, VaultError> {
+        self.sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))
+    }
+
+    async fn remask_rows(&mut self) -> Result<(), VaultError> {
+        let (masker, batch_rows, why) = (self.masker, self.batch_rows, self.why);
+        let new_key: &str = masker.key_id();
+        let mut after = String::new();
+        loop {
+            let mut client = self.database().await?;
+            let page = client
+                .query(
+                    "SELECT l.message_id, p.data_key_id, k.wrapped_key, p.sealed_ip, p.sealed_device_id
                  FROM user_logins l
                  JOIN user_logins_pii p ON p.message_id = l.message_id
                  JOIN pii_data_keys k ON k.id = p.data_key_id
@@ -85,92 +92,88 @@ async fn remask_rows(
                    AND p.sealed_ip IS NOT NULL AND p.sealed_device_id IS NOT NULL
                  ORDER BY l.message_id
                  LIMIT $3",
-                &[&after, &new_key, &(batch_rows as i64)],
-            )
-            .await
-            .map_err(db_error)?;
-        let Some(last) = page.last() else { return Ok(()) };
-        after = last.get(0);
-        let ids: Vec<String> = page.iter().map(|row| row.get(0)).collect();
-        audit(&**client, "remask", why, &ids).await.map_err(db_error)?;
+                    &[&after, &new_key, &(batch_rows as i64)],
+                )
+                .await
+                .map_err(db_error)?;
+            let Some(last) = page.last() else { return Ok(()) };
+            after = last.get(0);
+            let ids: Vec<String> = page.iter().map(|row| row.get(0)).collect();
+            audit(&**client, "remask", why, &ids).await.map_err(db_error)?;
 
-        let (mut done_ids, mut ips, mut device_ids) = (Vec::new(), Vec::new(), Vec::new());
-        for row in &page {
-            let message_id: String = row.get(0);
-            let key_id: Uuid = row.get(1);
-            let wrapped: Vec<u8> = row.get(2);
-            let key = keys.key(key_id, &wrapped).await?;
-            let open = |column, sealed: Vec<u8>| key.open(&message_id, column, &sealed);
-            match (open(Column::Ip, row.get(3)), open(Column::DeviceId, row.get(4))) {
-                (Ok(ip), Ok(device_id)) => {
-                    ips.push(masker.mask(&String::from_utf8_lossy(&ip)));
-                    device_ids.push(masker.mask(&String::from_utf8_lossy(&device_id)));
-                    done_ids.push(message_id);
+            let (mut done_ids, mut ips, mut device_ids) = (Vec::new(), Vec::new(), Vec::new());
+            for row in &page {
+                let message_id: String = row.get(0);
+                let key_id: Uuid = row.get(1);
+                let wrapped: Vec<u8> = row.get(2);
+                let key = self.keys.key(key_id, &wrapped).await?;
+                let open = |column, sealed: Vec<u8>| key.open(&message_id, column, &sealed);
+                match (open(Column::Ip, row.get(3)), open(Column::DeviceId, row.get(4))) {
+                    (Ok(ip), Ok(device_id)) => {
+                        ips.push(masker.mask(&String::from_utf8_lossy(&ip)));
+                        device_ids.push(masker.mask(&String::from_utf8_lossy(&device_id)));
+                        done_ids.push(message_id);
+                    }
+                    _ => self.report.does_not_open += 1,
                 }
-                _ => report.does_not_open += 1,
             }
-        }
-        let tx = client.transaction().await.map_err(db_error)?;
-        report.rows += tx
-            .execute(
-                "UPDATE user_logins l SET masked_ip = v.ip, masked_device_id = v.device_id, mask_key_id = $4
+            let tx = client.transaction().await.map_err(db_error)?;
+            self.report.rows += tx
+                .execute(
+                    "UPDATE user_logins l SET masked_ip = v.ip, masked_device_id = v.device_id, mask_key_id = $4,
+                                              transform_version = $5
                  FROM UNNEST($1::text[], $2::text[], $3::text[]) AS v(message_id, ip, device_id)
                  WHERE l.message_id = v.message_id AND l.mask_key_id IS DISTINCT FROM $4",
-                &[&done_ids, &ips, &device_ids, &new_key],
-            )
-            .await
-            .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-    }
-}
-
-async fn remask_quarantine(
-    sink: &Sink,
-    keys: &mut KeyRing,
-    masker: &Masker,
-    batch_rows: usize,
-    why: &str,
-    report: &mut RemaskReport,
-) -> Result<(), VaultError> {
-    let new_key: &str = masker.key_id();
-    let mut after = String::new();
-    loop {
-        let mut client = database(sink).await?;
-        let page = quarantined::page(&**client, &after, batch_rows, None, Some(new_key)).await?;
-        let Some(last) = page.last() else { return Ok(()) };
-        after = last.message_id.clone();
-        let ids: Vec<String> = page.iter().filter(|q| q.key.is_some()).map(|q| q.message_id.clone()).collect();
-        audit(&**client, "remask", why, &ids).await.map_err(db_error)?;
-
-        let (mut done_ids, mut bodies) = (Vec::new(), Vec::new());
-        for row in &page {
-            let Some((key_id, wrapped)) = &row.key else { continue };
-            let key = keys.key(*key_id, wrapped).await?;
-            let masked_body = match row.original(key) {
-                Ok(Some(original)) => {
-                    let sent_at = row.sent_at.unwrap_or_else(chrono::Utc::now);
-                    quarantine_copy(masker, MessageMeta { message_id: row.message_id.clone(), sent_at }, &original)
-                }
-                Ok(None) => continue,
-                Err(_) => {
-                    report.does_not_open += 1;
-                    continue;
-                }
-            };
-            done_ids.push(row.message_id.clone());
-            bodies.push(masked_body);
+                    &[&done_ids, &ips, &device_ids, &new_key, &TRANSFORM_VERSION],
+                )
+                .await
+                .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
         }
-        let tx = client.transaction().await.map_err(db_error)?;
-        report.quarantined += tx
-            .execute(
-                "UPDATE user_logins_quarantine q SET masked_body = v.body, mask_key_id = $3
+    }
+
+    async fn remask_quarantine(&mut self) -> Result<(), VaultError> {
+        let (masker, batch_rows, why) = (self.masker, self.batch_rows, self.why);
+        let new_key: &str = masker.key_id();
+        let mut after = String::new();
+        loop {
+            let mut client = self.database().await?;
+            let page = quarantined::page(&**client, &after, batch_rows, None, Some(new_key)).await?;
+            let Some(last) = page.last() else { return Ok(()) };
+            after = last.message_id.clone();
+            let ids: Vec<String> = page.iter().filter(|q| q.key.is_some()).map(|q| q.message_id.clone()).collect();
+            audit(&**client, "remask", why, &ids).await.map_err(db_error)?;
+
+            let (mut done_ids, mut bodies) = (Vec::new(), Vec::new());
+            for row in &page {
+                let Some((key_id, wrapped)) = &row.key else { continue };
+                let key = self.keys.key(*key_id, wrapped).await?;
+                let masked_body = match row.original(key) {
+                    Ok(Some(original)) => {
+                        let sent_at = row.sent_at.unwrap_or_else(chrono::Utc::now);
+                        quarantine_copy(masker, MessageMeta { message_id: row.message_id.clone(), sent_at }, &original)
+                    }
+                    Ok(None) => continue,
+                    Err(_) => {
+                        self.report.does_not_open += 1;
+                        continue;
+                    }
+                };
+                done_ids.push(row.message_id.clone());
+                bodies.push(masked_body);
+            }
+            let tx = client.transaction().await.map_err(db_error)?;
+            self.report.quarantined += tx
+                .execute(
+                    "UPDATE user_logins_quarantine q SET masked_body = v.body, mask_key_id = $3, transform_version = $4
                  FROM UNNEST($1::text[], $2::text[]) AS v(message_id, body)
                  WHERE q.message_id = v.message_id AND q.mask_key_id IS DISTINCT FROM $3",
-                &[&done_ids, &bodies, &new_key],
-            )
-            .await
-            .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+                    &[&done_ids, &bodies, &new_key, &TRANSFORM_VERSION],
+                )
+                .await
+                .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+        }
     }
 }
 

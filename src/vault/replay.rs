@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::commands::{audit, db_error};
 use super::quarantined::{self, Original};
-use super::{KeyRing, VaultError};
+use super::{Column, DataKey, KeyRing, VaultError};
 use crate::mask::{Masker, MessageMeta};
 use crate::pipeline::{to_record, Record};
 use crate::sink::Sink;
-use crate::source::envelope::{self, InputFormat};
+use crate::source::envelope::{self, InputFormat, Unwrapped};
 
 /// What a replay did.
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -85,9 +85,19 @@ pub async fn replay(
                 Original::Rebuilt(_) => InputFormat::Raw,
             };
             let body = original.body();
-            let meta =
-                MessageMeta { message_id: row.message_id.clone(), sent_at: row.sent_at.unwrap_or_else(Utc::now) };
-            match to_record(masker, Some(key), meta, body, &envelope::unwrap(body, format)) {
+            let unwrapped = envelope::unwrap(body, format);
+            let mut message_id = row.message_id.clone();
+            if let Ok(Unwrapped::Sns { key: sns_id, .. }) = &unwrapped {
+                if *sns_id != message_id {
+                    if !move_to_sns_id(sink, key, &message_id, sns_id, body).await? {
+                        report.already_stored += 1;
+                        continue;
+                    }
+                    message_id = sns_id.clone();
+                }
+            }
+            let meta = MessageMeta { message_id, sent_at: row.sent_at.unwrap_or_else(Utc::now) };
+            match to_record(masker, Some(key), meta, body, &unwrapped) {
                 Record::Login(login) => logins.push(login),
                 Record::Quarantine(record) => still.push(record),
                 Record::Duplicate => {}
@@ -107,4 +117,40 @@ pub async fn replay(
         }
     }
     Ok(report)
+}
+
+/// An SNS notification quarantined under its SQS id (the pipeline read bodies raw) moves to its
+/// SNS id, the key the pipeline gives every delivery of one notification, with its sealed body
+/// sealed anew for that id. Returns false when that id is stored already: this copy is then a
+/// duplicate delivery and is removed.
+async fn move_to_sns_id(sink: &Sink, key: &DataKey, from: &str, to: &str, received: &str) -> Result<bool, VaultError> {
+    let database = |err| VaultError::Database(crate::error_chain(&err));
+    let mut client = sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))?;
+    let tx = client.transaction().await.map_err(database)?;
+    let stored: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM user_logins WHERE message_id = $1)
+                 OR EXISTS (SELECT 1 FROM user_logins_quarantine WHERE message_id = $1)",
+            &[&to],
+        )
+        .await
+        .map_err(database)?
+        .get(0);
+    if stored {
+        tx.execute("DELETE FROM user_logins_quarantine WHERE message_id = $1", &[&from]).await.map_err(database)?;
+        tx.execute("DELETE FROM user_logins_pii WHERE message_id = $1", &[&from]).await.map_err(database)?;
+    } else {
+        let sealed = key.seal(to, Column::Body, received.as_bytes());
+        tx.execute("UPDATE user_logins_quarantine SET message_id = $2 WHERE message_id = $1", &[&from, &to])
+            .await
+            .map_err(database)?;
+        tx.execute(
+            "UPDATE user_logins_pii SET message_id = $2, sealed_body = $3 WHERE message_id = $1 AND erased_at IS NULL",
+            &[&from, &to, &sealed],
+        )
+        .await
+        .map_err(database)?;
+    }
+    tx.commit().await.map_err(database)?;
+    Ok(!stored)
 }

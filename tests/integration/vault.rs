@@ -309,6 +309,15 @@ async fn remask_to_a_new_key_changes_every_mask_consistently_and_survives_being_
     assert_no_raw_value_outside_the_vault(&db, &raw).await;
 }
 
+async fn received_at(db: &tokio_postgres::Client, ids: &[String]) -> Vec<chrono::DateTime<chrono::Utc>> {
+    let rows = db
+        .query("SELECT received_at FROM user_logins_quarantine WHERE message_id = ANY($1) ORDER BY message_id", &[&ids])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), ids.len());
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
 #[tokio::test]
 async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_rows_exactly_once() {
     let env = TestEnv::new().await;
@@ -330,13 +339,28 @@ async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_
             .to_string(),
         );
     }
+    // SNS delivers at least once: the first notification twice.
+    bodies.push(bodies[200].clone());
     // Malformed for good.
     for i in 0..3 {
         bodies.push(serde_json::json!({"foo": "oops", "ip": format!("203.0.113.{}", 50 + i)}).to_string());
     }
     let sent = env.publish_with_ids(&bodies).await;
     let summary = env.drain(&["--pii-kms-key-id", &key, "--input-format", "raw"]).await;
-    assert_eq!((summary.written, summary.quarantined), (180, 28), "{summary:?}");
+    assert_eq!((summary.written, summary.quarantined), (180, 29), "{summary:?}");
+    // Each message once: the notifications under their SNS ids (as `run` keys them), one row for
+    // the notification delivered twice.
+    let mut expected: Vec<String> = sent[..200].iter().chain(&sent[206..]).cloned().collect();
+    expected.extend((0..5).map(|i| format!("sns:sns-{i}")));
+    expected.sort();
+    let assert_each_message_once = || async {
+        let stored = env.stored_ids().await;
+        let mut ids: Vec<String> = stored.keys().cloned().collect();
+        ids.sort();
+        assert_eq!(ids, expected);
+        assert!(stored.values().all(|n| *n == 1), "an id both a row and quarantined");
+        env.assert_queue_empty().await;
+    };
 
     let replay = |args: &'static [&'static str]| {
         let env = &env;
@@ -356,21 +380,23 @@ async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_
         (row.get::<_, i64>(0), row.get::<_, i64>(1))
     };
 
+    let malformed_received = received_at(&db, &sent[206..]).await;
     // While the rule still holds, the refused rows are refused again and stay.
     let report = replay(&["--reason", "db_rejected"]).await;
     assert_eq!(report["examined"], 20, "{report}");
     assert_eq!(report["written"], 0, "{report}");
     assert_eq!(report["still_quarantined"]["db_rejected"], 20, "{report}");
-    assert_eq!(counts().await, (180, 28));
+    assert_eq!(counts().await, (180, 29));
 
     // Rules relaxed: the database's and the input's.
     db.batch_execute("ALTER TABLE user_logins DROP CONSTRAINT no_tablets").await.unwrap();
     let report = replay(&["--input-format", "auto"]).await;
-    assert_eq!(report["examined"], 28, "{report}");
+    assert_eq!(report["examined"], 29, "{report}");
     assert_eq!(report["written"], 25, "{report}");
+    assert_eq!(report["already_stored"], 1, "the second delivery of one notification: {report}");
     assert_eq!(report["still_quarantined"], serde_json::json!({"missing_field": 3}), "{report}");
     assert_eq!(counts().await, (205, 3));
-    env.assert_exactly_once(&sent).await;
+    assert_each_message_once().await;
 
     // The replayed rows are masked and sealed as the pipeline would have done it.
     for (_, user, ip, device) in logins.iter().filter(|l| l.0.contains("tablet")).chain(&wrapped) {
@@ -394,11 +420,52 @@ async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_
     let report = replay(&[]).await;
     assert_eq!((report["examined"].as_u64(), report["written"].as_u64()), (Some(3), Some(0)), "{report}");
     assert_eq!(counts().await, (205, 3));
-    env.assert_exactly_once(&sent).await;
+    assert_each_message_once().await;
+    assert_eq!(received_at(&db, &sent[206..]).await, malformed_received, "received_at kept through replays");
     let replays: i64 =
         db.query_one("SELECT count(*) FROM pii_access_log WHERE action = 'replay'", &[]).await.unwrap().get(0);
     assert!(replays >= 3);
     let mut raw: Vec<&str> = logins.iter().chain(&wrapped).flat_map(|l| [l.2.as_str(), l.3.as_str()]).collect();
     raw.extend(["203.0.113.50", "203.0.113.51", "203.0.113.52"]);
     assert_no_raw_value_outside_the_vault(&db, &raw).await;
+}
+
+#[tokio::test]
+async fn forget_erases_the_quarantined_bodies_that_name_the_user_and_no_others() {
+    let env = TestEnv::new().await;
+    let key = kms_key(&env).await;
+    let (valid, user, ..) = login_body(1, "ios");
+    let (_, other, ..) = login_body(2, "ios");
+    let malformed = |user: &str| serde_json::json!({"user_id": user, "ip": "203.0.113.9"}).to_string();
+    let bodies = vec![
+        valid,
+        malformed(&user),
+        // Double-encoded: the clear copy holds the id JSON-escaped.
+        serde_json::to_string(&malformed(&user)).unwrap(),
+        malformed(&other),
+    ];
+    let ids = env.publish_with_ids(&bodies).await;
+    let summary = env.drain(&["--pii-kms-key-id", &key]).await;
+    assert_eq!((summary.written, summary.quarantined), (1, 3));
+
+    let out = run_binary(&env, &["forget", "--user-id", &user, "--reason", "erasure request 7"], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let db = env.db().await;
+    let erased: Vec<String> = db
+        .query("SELECT message_id FROM user_logins_pii WHERE erased_at IS NOT NULL ORDER BY message_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut expected = ids[..3].to_vec();
+    expected.sort();
+    assert_eq!(erased, expected, "the user's row and both quarantined bodies naming them");
+    let kept: Option<Vec<u8>> =
+        db.query_one("SELECT sealed_body FROM user_logins_pii WHERE message_id = $1", &[&ids[3]]).await.unwrap().get(0);
+    assert!(kept.is_some(), "another user's quarantined body stays sealed");
+
+    let out = run_binary(&env, &["forget", "--user-id", "", "--reason", "x"], &[]).await;
+    assert!(!out.status.success(), "an empty user id is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must not be empty"));
 }
