@@ -250,9 +250,9 @@ pub struct RunArgs {
           value_parser = count(1, 64))]
     pub mask_concurrency: usize,
 
-    /// Threads that run the pipeline (1..=256). One thread is the cheapest per message: it spends
-    /// no CPU handing work between threads, and it carries several thousand messages a second
-    /// (BENCHMARKS.md). Raise it when one process must carry more; or run more replicas.
+    /// Tokio worker threads of the pipeline, beside the main thread (1..=256). One is the cheapest
+    /// per message (fewest hand-offs between threads) and carries several thousand messages a
+    /// second (BENCHMARKS.md). Raise it when one process must carry more; or run more replicas.
     #[arg(long, env = "WORKER_THREADS", value_name = "WORKER_THREADS", default_value = "1",
           value_parser = count(1, 256))]
     pub worker_threads: usize,

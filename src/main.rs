@@ -35,18 +35,14 @@ fn init_logging(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    // One thread (the default for `run`) is a current-thread runtime: every task runs where it
-    // is woken, with no hand-off between threads (BENCHMARKS.md). Other commands use one
-    // worker per core.
-    let mut runtime = match &cli.command {
-        Command::Run(args) if args.worker_threads == 1 => tokio::runtime::Builder::new_current_thread(),
-        Command::Run(args) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(args.worker_threads);
-            builder
-        }
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
+    // `run` drives its stream graph on this thread and spawns pollers, processing and database
+    // connections onto WORKER_THREADS workers (default 1): fewer hand-offs between threads than
+    // one worker per core, the main cost per message on two cores (BENCHMARKS.md). A
+    // current-thread runtime was cheaper still but fell below the end-to-end bar.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Run(args) = &cli.command {
+        runtime.worker_threads(args.worker_threads);
+    }
     runtime.enable_all().build().context("cannot start the async runtime")?.block_on(command(cli.command))
 }
 
