@@ -128,19 +128,19 @@ pub fn to_record(
     received: &str,
     unwrapped: &Result<Unwrapped<'_>, Rejection>,
 ) -> Record {
-    let event = match unwrapped {
-        Ok(Unwrapped::Raw(body)) => decode(body).map_err(|rejection| (rejection, *body)),
-        Ok(Unwrapped::Sns { message, .. }) => decode(message).map_err(|rejection| (rejection, message.as_str())),
-        Err(rejection) => Err((rejection.clone(), received)),
+    let event = envelope::event(received, unwrapped);
+    let decoded = match unwrapped {
+        Ok(_) => decode(event),
+        Err(rejection) => Err(rejection.clone()),
     };
-    match event {
+    match decoded {
         Ok(login) => {
             let sealed = key.map(|key| key.seal_login(&meta.message_id, &login));
             Record::Login(MaskedLogin { sealed, ..masker.mask_login(login, meta) })
         }
-        Err((rejection, body)) => {
+        Err(rejection) => {
             let sealed = key.map(|key| key.seal_body(&meta.message_id, received));
-            Record::Quarantine(QuarantineRecord { sealed, ..masker.quarantine(rejection, body, meta) })
+            Record::Quarantine(QuarantineRecord { sealed, ..masker.quarantine(rejection, event, meta) })
         }
     }
 }

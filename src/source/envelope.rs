@@ -40,6 +40,16 @@ struct Notification {
     message: Option<serde_json::Value>,
 }
 
+/// The event's text in a message as received: an SNS envelope's `Message`, else the body
+/// itself (a broken envelope included, which is quarantined whole).
+pub fn event<'a>(received: &'a str, unwrapped: &'a Result<Unwrapped<'_>, Rejection>) -> &'a str {
+    match unwrapped {
+        Ok(Unwrapped::Raw(body)) => body,
+        Ok(Unwrapped::Sns { message, .. }) => message,
+        Err(_) => received,
+    }
+}
+
 /// Unwraps an SNS envelope per `format`. A body that claims to be an envelope but is broken
 /// (not a notification, no `MessageId`, `Message` missing or not a string) is rejected as
 /// `invalid_envelope`, and quarantined whole like any other body.
@@ -93,6 +103,15 @@ mod tests {
             );
         }
         assert_eq!(unwrap(&body, InputFormat::Raw).unwrap(), Unwrapped::Raw(&body));
+    }
+
+    #[test]
+    fn the_event_is_the_message_of_an_envelope_else_the_whole_body() {
+        let body = envelope(&serde_json::Value::String(EVENT.into()));
+        assert_eq!(event(&body, &unwrap(&body, InputFormat::Auto)), EVENT);
+        assert_eq!(event(&body, &unwrap(&body, InputFormat::Raw)), body);
+        let broken = envelope(&serde_json::Value::Null);
+        assert_eq!(event(&broken, &unwrap(&broken, InputFormat::Auto)), broken);
     }
 
     #[test]

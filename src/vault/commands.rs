@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{Column, KeyRing, VaultError};
+use super::{db_error, Column, KeyRing, VaultError};
 
 /// Which rows `reveal` opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,10 +72,6 @@ pub(crate) async fn audit(
     )
     .await?;
     Ok(())
-}
-
-pub(crate) fn db_error(err: tokio_postgres::Error) -> VaultError {
-    VaultError::Database(crate::error_chain(&err))
 }
 
 /// Opens the sealed values of the rows `lookup` finds. The access is logged (committed)

@@ -71,6 +71,12 @@ pub enum VaultError {
     DoesNotOpen,
 }
 
+/// A database error (of tokio-postgres or of the sink's pool) as the vault reports it: the
+/// error and its causes, which never carry a value.
+pub(crate) fn db_error(err: impl std::error::Error + 'static) -> VaultError {
+    VaultError::Database(crate::error_chain(&err))
+}
+
 /// An AES-256-GCM key. The cipher holds the expanded key and zeroes it when dropped.
 pub struct DataKey {
     pub id: Uuid,
@@ -236,14 +242,14 @@ async fn new_data_key(kms: &aws_sdk_kms::Client, kms_key_id: &str, sink: &Sink) 
     let id = Uuid::new_v4();
     let key = DataKey::from_plaintext(id, plaintext.into_inner())?;
     let key_arn = out.key_id.unwrap_or_else(|| kms_key_id.to_owned());
-    let client = sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))?;
+    let client = sink.client().await.map_err(db_error)?;
     client
         .execute(
             "INSERT INTO pii_data_keys (id, kms_key_id, wrapped_key) VALUES ($1, $2, $3)",
             &[&id, &key_arn, &wrapped.as_ref()],
         )
         .await
-        .map_err(|err| VaultError::Database(crate::error_chain(&err)))?;
+        .map_err(db_error)?;
     Ok(key)
 }
 

@@ -6,8 +6,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::commands::db_error;
-use super::{Column, DataKey, VaultError};
+use super::{db_error, Column, DataKey, VaultError};
 use crate::decode::Reason;
 
 /// One quarantined message and what the vault holds of it.

@@ -11,13 +11,13 @@
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::commands::{audit, db_error};
+use super::commands::audit;
 use super::quarantined::{self, Original};
-use super::{Column, KeyRing, VaultError};
+use super::{db_error, Column, KeyRing, VaultError};
 use crate::decode::decode;
 use crate::mask::{Masker, MessageMeta, QuarantineRecord};
 use crate::sink::{Sink, TRANSFORM_VERSION};
-use crate::source::envelope::{self, InputFormat, Unwrapped};
+use crate::source::envelope::{self, InputFormat};
 
 /// What a remask did.
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -73,7 +73,7 @@ struct Job<'a> {
 
 impl Job<'_> {
     async fn database(&self) -> Result<deadpool_postgres::Object, VaultError> {
-        self.sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))
+        self.sink.client().await.map_err(db_error)
     }
 
     async fn remask_rows(&mut self) -> Result<(), VaultError> {
@@ -185,9 +185,6 @@ fn quarantine_copy(masker: &Masker, meta: MessageMeta, original: &Original) -> S
             Ok(login) => QuarantineRecord::db_rejected(&masker.mask_login(login, meta), "").masked_body,
             Err(_) => masker.mask_body(event),
         },
-        Original::Received(body) => match envelope::unwrap(body, InputFormat::Auto) {
-            Ok(Unwrapped::Sns { message, .. }) => masker.mask_body(&message),
-            _ => masker.mask_body(body),
-        },
+        Original::Received(body) => masker.mask_body(envelope::event(body, &envelope::unwrap(body, InputFormat::Auto))),
     }
 }

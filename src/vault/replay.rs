@@ -12,9 +12,9 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::commands::{audit, db_error};
+use super::commands::audit;
 use super::quarantined::{self, Original};
-use super::{Column, DataKey, KeyRing, VaultError};
+use super::{db_error, Column, DataKey, KeyRing, VaultError};
 use crate::mask::{Masker, MessageMeta};
 use crate::pipeline::{to_record, Record};
 use crate::sink::Sink;
@@ -53,7 +53,7 @@ pub async fn replay(
     let never = CancellationToken::new();
     let mut after = String::new();
     loop {
-        let client = sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))?;
+        let client = sink.client().await.map_err(db_error)?;
         let page = quarantined::page(&**client, &after, batch_rows, reason, None).await?;
         let Some(last) = page.last() else { break };
         after = last.message_id.clone();
@@ -103,10 +103,7 @@ pub async fn replay(
                 Record::Duplicate => {}
             }
         }
-        let committed = sink
-            .replace(&logins, &still, &never)
-            .await
-            .map_err(|err| VaultError::Database(crate::error_chain(&err)))?;
+        let committed = sink.replace(&logins, &still, &never).await.map_err(db_error)?;
         report.written += committed.written;
         report.already_stored += committed.already_stored;
         report.unstorable += committed.unstorable.len() as u64;
@@ -124,9 +121,8 @@ pub async fn replay(
 /// sealed anew for that id. Returns false when that id is stored already: this copy is then a
 /// duplicate delivery and is removed.
 async fn move_to_sns_id(sink: &Sink, key: &DataKey, from: &str, to: &str, received: &str) -> Result<bool, VaultError> {
-    let database = |err| VaultError::Database(crate::error_chain(&err));
-    let mut client = sink.client().await.map_err(|err| VaultError::Database(crate::error_chain(&err)))?;
-    let tx = client.transaction().await.map_err(database)?;
+    let mut client = sink.client().await.map_err(db_error)?;
+    let tx = client.transaction().await.map_err(db_error)?;
     let stored: bool = tx
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM user_logins WHERE message_id = $1)
@@ -134,23 +130,23 @@ async fn move_to_sns_id(sink: &Sink, key: &DataKey, from: &str, to: &str, receiv
             &[&to],
         )
         .await
-        .map_err(database)?
+        .map_err(db_error)?
         .get(0);
     if stored {
-        tx.execute("DELETE FROM user_logins_quarantine WHERE message_id = $1", &[&from]).await.map_err(database)?;
-        tx.execute("DELETE FROM user_logins_pii WHERE message_id = $1", &[&from]).await.map_err(database)?;
+        tx.execute("DELETE FROM user_logins_quarantine WHERE message_id = $1", &[&from]).await.map_err(db_error)?;
+        tx.execute("DELETE FROM user_logins_pii WHERE message_id = $1", &[&from]).await.map_err(db_error)?;
     } else {
         let sealed = key.seal(to, Column::Body, received.as_bytes());
         tx.execute("UPDATE user_logins_quarantine SET message_id = $2 WHERE message_id = $1", &[&from, &to])
             .await
-            .map_err(database)?;
+            .map_err(db_error)?;
         tx.execute(
             "UPDATE user_logins_pii SET message_id = $2, sealed_body = $3 WHERE message_id = $1 AND erased_at IS NULL",
             &[&from, &to, &sealed],
         )
         .await
-        .map_err(database)?;
+        .map_err(db_error)?;
     }
-    tx.commit().await.map_err(database)?;
+    tx.commit().await.map_err(db_error)?;
     Ok(!stored)
 }
