@@ -378,11 +378,19 @@ pub struct ForgetArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// The user whose sealed values are erased.
-    #[arg(long, value_name = "USER_ID", value_parser = non_empty)]
+    #[arg(long, value_name = "USER_ID", value_parser = not_blank)]
     pub user_id: String,
     /// Why (recorded in pii_access_log).
     #[arg(long, value_name = "TEXT", value_parser = non_empty)]
     pub reason: String,
+}
+
+/// A value that is not blank, kept exactly as given (user ids may carry spaces).
+fn not_blank(value: &str) -> Result<String, String> {
+    match value.trim() {
+        "" => Err("must not be empty".into()),
+        _ => Ok(value.to_owned()),
+    }
 }
 
 fn non_empty(value: &str) -> Result<String, String> {

@@ -435,7 +435,11 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
                     Err(err) => {
                         // A bug, not bad data: leave the messages for redelivery (and, at last, the DLQ).
                         metrics::error("decode", "gave_up");
-                        tracing::error!(error = %err, "processing task failed; messages left for redelivery");
+                        // A panic's message may quote body text: log only that it panicked.
+                        tracing::error!(
+                            panicked = err.is_panic(),
+                            "processing task failed; messages left for redelivery"
+                        );
                         stages.in_flight.release(receipts.iter().map(String::as_str));
                         Vec::new()
                     }
