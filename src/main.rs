@@ -138,11 +138,13 @@ async fn vault_connection(args: &loginflow::config::DatabaseArgs) -> anyhow::Res
     let (mut client, connection) =
         database.config.connect(database.tls.clone()).await.context("cannot connect to DATABASE_URL")?;
     tokio::spawn(connection);
+    let deadline = format!("SET statement_timeout = {}", VAULT_JOB_TIMEOUT.as_millis());
+    client.batch_execute(&deadline).await.context("cannot set statement_timeout")?;
     loginflow::schema::migrate(&mut client).await.context("migration failed")?;
     Ok(client)
 }
 
-/// Deadline of each statement and batch of `remask` and `quarantine replay`.
+/// Deadline of each statement and batch of the vault commands (`reveal`, `forget`, `remask`, `quarantine replay`).
 const VAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What `remask` and `quarantine replay` work with: the database (schema in place), KMS, the mask key.

@@ -100,6 +100,23 @@ INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_i
 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[])
 ON CONFLICT (message_id) DO NOTHING";
 
+/// [`INSERT_SEALED`] for `quarantine replay`: a refused row's record replayed and still
+/// quarantined gets the event rebuilt from it as its sealed body, so its next replay has it whatever
+/// its new clear copy (unless erased, or sealed with another key).
+const UPSERT_SEALED: &str = "\
+INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_id, sealed_body)
+SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[])
+ON CONFLICT (message_id) DO UPDATE SET sealed_body = EXCLUDED.sealed_body
+WHERE user_logins_pii.sealed_body IS NULL AND user_logins_pii.erased_at IS NULL
+  AND EXCLUDED.sealed_body IS NOT NULL AND user_logins_pii.data_key_id = EXCLUDED.data_key_id";
+
+/// Taken (shared) by every transaction of `quarantine replay` that moves sealed values to a new
+/// vault row, and (exclusive) by `forget`: a replayed message's new vault row is either committed
+/// before `forget` looks for the user's rows, or written after it and sees its erasure.
+pub const SHARE_ERASURE_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7421350061)";
+/// See [`SHARE_ERASURE_LOCK`].
+pub const TAKE_ERASURE_LOCK: &str = "SELECT pg_advisory_xact_lock(7421350061)";
+
 /// loginflow's version, recorded on every row (`transform_version`).
 pub const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -449,6 +466,7 @@ async fn write_transaction(
 async fn write_once(client: &mut Object, mode: Mode, part: Part<'_>) -> Result<Committed, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     if mode.replace {
+        tx.execute(SHARE_ERASURE_LOCK, &[]).await?;
         let login_ids: Vec<&str> = part.logins.iter().map(|l| l.message_id.as_str()).collect();
         tx.execute(CLEAR_REPLAYED, &[&login_ids]).await?;
     }
@@ -463,6 +481,7 @@ async fn write_once(client: &mut Object, mode: Mode, part: Part<'_>) -> Result<C
     }
     insert_sealed(
         &tx,
+        mode.replace,
         part.logins.iter().map(|l| (&l.message_id, &l.sealed)),
         part.quarantine.iter().map(|q| (&q.message_id, &q.sealed)),
     )
@@ -584,6 +603,7 @@ async fn insert_quarantine(
 /// transaction of their rows, in statements of at most [`QUARANTINE_STATEMENT_BYTES`].
 async fn insert_sealed<'a>(
     tx: &deadpool_postgres::Transaction<'_>,
+    replace: bool,
     logins: impl Iterator<Item = (&'a String, &'a Option<Sealed>)>,
     quarantine: impl Iterator<Item = (&'a String, &'a Option<Sealed>)>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -609,7 +629,7 @@ async fn insert_sealed<'a>(
         let ips: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.ip.as_deref()).collect();
         let devices: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.device_id.as_deref()).collect();
         let bodies: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.body.as_deref()).collect();
-        let statement = tx.prepare_cached(INSERT_SEALED).await?;
+        let statement = tx.prepare_cached(if replace { UPSERT_SEALED } else { INSERT_SEALED }).await?;
         tx.execute(&statement, &[&ids, &keys, &ips, &devices, &bodies]).await?;
     }
     Ok(())

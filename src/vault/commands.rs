@@ -120,7 +120,11 @@ pub async fn reveal(
         };
         if entry.erased_at.is_none() {
             let wrapped: Vec<u8> = row.get(7);
-            let key = keys.key(data_key_id, &wrapped).await?;
+            let Some(key) = keys.key(data_key_id, &wrapped).await? else {
+                entry.error = Some(VaultError::DoesNotOpen.to_string());
+                revealed.push(entry);
+                continue;
+            };
             let open = |column: Column, sealed: Option<Vec<u8>>| {
                 sealed
                     .map(|sealed| key.open(&entry.message_id, column, &sealed))
@@ -137,6 +141,27 @@ pub async fn reveal(
     Ok(revealed)
 }
 
+/// A PostgreSQL regular expression matching the member `"user_id": "<user_id>"` in a body's
+/// clear copy, with any spacing, written plainly or JSON-escaped inside a string (a double-encoded
+/// record, an SNS envelope read raw) — and no other occurrence of the id.
+fn user_id_pattern(user_id: &str) -> String {
+    // `\` before any non-alphanumeric character makes it literal in PostgreSQL's regex syntax.
+    let literal = |text: &str| {
+        text.chars().fold(String::new(), |mut out, c| {
+            if !c.is_alphanumeric() {
+                out.push('\\');
+            }
+            out.push(c);
+            out
+        })
+    };
+    let member = |key: &str, value: &str| format!("{}\\s*:\\s*{}", literal(key), literal(value));
+    let quoted = serde_json::to_string(user_id).unwrap_or_default();
+    let escaped = serde_json::to_string(&quoted).unwrap_or_default();
+    let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or_default();
+    format!("({})|({})", member("\"user_id\"", &quoted), member("\\\"user_id\\\"", escaped))
+}
+
 /// Erases a user's sealed values (their masks stay): those of their rows, and the sealed bodies
 /// of quarantined messages that name them. Returns the message ids erased.
 pub async fn forget(
@@ -144,12 +169,9 @@ pub async fn forget(
     user_id: &str,
     reason: &str,
 ) -> Result<Vec<String>, VaultError> {
-    // The user id as a JSON string, and as one inside a JSON-encoded string (a double-encoded
-    // record, an SNS envelope read raw): how it stands in a quarantined body's clear copy.
-    let quoted = serde_json::to_string(user_id).unwrap_or_default();
-    let escaped = serde_json::to_string(&quoted).unwrap_or_default();
-    let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or_default().to_owned();
+    let pattern = user_id_pattern(user_id);
     let tx = client.transaction().await.map_err(db_error)?;
+    tx.execute(crate::sink::TAKE_ERASURE_LOCK, &[]).await.map_err(db_error)?;
     let rows = tx
         .query(
             "UPDATE user_logins_pii p
@@ -158,10 +180,9 @@ pub async fn forget(
                  SELECT message_id FROM user_logins WHERE user_id = $1
                  UNION ALL
                  -- Quarantined bodies of the user: their clear copy keeps user_id as it came.
-                 SELECT message_id FROM user_logins_quarantine
-                 WHERE strpos(masked_body, $2) > 0 OR strpos(masked_body, $3) > 0)
+                 SELECT message_id FROM user_logins_quarantine WHERE masked_body ~ $2)
              RETURNING p.message_id",
-            &[&user_id, &quoted, &escaped],
+            &[&user_id, &pattern],
         )
         .await
         .map_err(db_error)?;

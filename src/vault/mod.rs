@@ -204,28 +204,55 @@ impl Vault {
 pub struct KeyRing {
     kms: aws_sdk_kms::Client,
     keys: HashMap<Uuid, DataKey>,
+    /// Data keys KMS refused for good (a damaged wrapped copy, a disabled or deleted KMS key).
+    refused: std::collections::HashSet<Uuid>,
 }
 
 impl KeyRing {
     pub fn new(kms: aws_sdk_kms::Client) -> KeyRing {
-        KeyRing { kms, keys: HashMap::new() }
+        KeyRing { kms, keys: HashMap::new(), refused: Default::default() }
     }
 
-    /// The data key `id`, unwrapped from `wrapped` by KMS the first time it is asked for.
-    pub async fn key(&mut self, id: Uuid, wrapped: &[u8]) -> Result<&DataKey, VaultError> {
+    /// The data key `id`, unwrapped from `wrapped` by KMS the first time it is asked for;
+    /// `None` when KMS refuses that key for good, so the values sealed with it do not open
+    /// (the caller counts them and goes on). A KMS that cannot be reached is an error.
+    pub async fn key(&mut self, id: Uuid, wrapped: &[u8]) -> Result<Option<&DataKey>, VaultError> {
+        if self.refused.contains(&id) {
+            return Ok(None);
+        }
         if !self.keys.contains_key(&id) {
-            let out = self
-                .kms
-                .decrypt()
-                .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(wrapped))
-                .send()
-                .await
-                .map_err(|err| VaultError::Kms(crate::error_chain(&aws_sdk_kms::Error::from(err))))?;
+            let out = match self.kms.decrypt().ciphertext_blob(aws_sdk_kms::primitives::Blob::new(wrapped)).send().await
+            {
+                Ok(out) => out,
+                Err(err) => {
+                    let err = aws_sdk_kms::Error::from(err);
+                    if !refused_for_good(&err) {
+                        return Err(VaultError::Kms(crate::error_chain(&err)));
+                    }
+                    tracing::warn!(data_key_id = %id, error = %crate::error_chain(&err), "KMS refuses a data key");
+                    self.refused.insert(id);
+                    return Ok(None);
+                }
+            };
             let plaintext = out.plaintext.ok_or_else(|| VaultError::Kms("no plaintext in the answer".into()))?;
             self.keys.insert(id, DataKey::from_plaintext(id, plaintext.into_inner())?);
         }
-        Ok(&self.keys[&id])
+        Ok(self.keys.get(&id))
     }
+}
+
+/// KMS answers that no retry changes for this wrapped key: it is damaged or not this KMS key's,
+/// or the KMS key is disabled, pending deletion or gone.
+fn refused_for_good(err: &aws_sdk_kms::Error) -> bool {
+    use aws_sdk_kms::Error as E;
+    matches!(
+        err,
+        E::InvalidCiphertextException(_)
+            | E::IncorrectKeyException(_)
+            | E::DisabledException(_)
+            | E::KmsInvalidStateException(_)
+            | E::NotFoundException(_)
+    )
 }
 
 /// `GenerateDataKey` (AES-256), then the wrapped copy into `pii_data_keys` before first use.

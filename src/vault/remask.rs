@@ -106,7 +106,10 @@ impl Job<'_> {
                 let message_id: String = row.get(0);
                 let key_id: Uuid = row.get(1);
                 let wrapped: Vec<u8> = row.get(2);
-                let key = self.keys.key(key_id, &wrapped).await?;
+                let Some(key) = self.keys.key(key_id, &wrapped).await? else {
+                    self.report.does_not_open += 1;
+                    continue;
+                };
                 let open = |column, sealed: Vec<u8>| key.open(&message_id, column, &sealed);
                 match (open(Column::Ip, row.get(3)), open(Column::DeviceId, row.get(4))) {
                     (Ok(ip), Ok(device_id)) => {
@@ -147,11 +150,15 @@ impl Job<'_> {
             let (mut done_ids, mut bodies) = (Vec::new(), Vec::new());
             for row in &page {
                 let Some((key_id, wrapped)) = &row.key else { continue };
-                let key = self.keys.key(*key_id, wrapped).await?;
+                let Some(key) = self.keys.key(*key_id, wrapped).await? else {
+                    self.report.does_not_open += 1;
+                    continue;
+                };
                 let masked_body = match row.original(key) {
                     Ok(Some(original)) => {
                         let sent_at = row.sent_at.unwrap_or_else(chrono::Utc::now);
-                        quarantine_copy(masker, MessageMeta { message_id: row.message_id.clone(), sent_at }, &original)
+                        let meta = MessageMeta { message_id: row.message_id.clone(), sent_at };
+                        quarantine_copy(masker, meta, &original, &row.masked_body)
                     }
                     Ok(None) => continue,
                     Err(_) => {
@@ -178,13 +185,47 @@ impl Job<'_> {
 }
 
 /// The clear copy of a quarantined message under `masker`, made as the pipeline makes it: the
-/// scrubbed event (an SNS envelope's `Message`), or a refused row's masked fields.
-fn quarantine_copy(masker: &Masker, meta: MessageMeta, original: &Original) -> String {
+/// scrubbed event (an SNS envelope's `Message`), or a refused row's masked fields. `previous`
+/// is the copy it replaces.
+fn quarantine_copy(masker: &Masker, meta: MessageMeta, original: &Original, previous: &str) -> String {
     match original {
         Original::Rebuilt(event) => match decode(event) {
             Ok(login) => QuarantineRecord::db_rejected(&masker.mask_login(login, meta), "").masked_body,
-            Err(_) => masker.mask_body(event),
+            // Today's validator refuses the rebuilt event: the copy keeps the refused row's shape,
+            // which `quarantine replay` rebuilds the event from, with new masks.
+            Err(_) => remask_refused_row(masker, previous, event).unwrap_or_else(|| masker.mask_body(event)),
         },
         Original::Received(body) => masker.mask_body(envelope::event(body, &envelope::unwrap(body, InputFormat::Auto))),
+    }
+}
+/// A refused row's copy (a serialized `MaskedLogin`) with its masks renewed from the rebuilt
+/// `event`'s raw `ip` and `device_id`; `None` when either is not what the vault made it.
+fn remask_refused_row(masker: &Masker, previous: &str, event: &str) -> Option<String> {
+    let mut row: serde_json::Map<String, serde_json::Value> = serde_json::from_str(previous).ok()?;
+    let event: serde_json::Value = serde_json::from_str(event).ok()?;
+    for (masked, raw) in [("masked_ip", "ip"), ("masked_device_id", "device_id")] {
+        row.insert(masked.into(), masker.mask(event.get(raw)?.as_str()?).into());
+    }
+    serde_json::to_string(&row).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_row_refused_again_by_the_validator_keeps_its_shape_with_new_masks() {
+        let masker = Masker::new(&secrecy::SecretString::from("n".repeat(32)));
+        let previous = r#"{"message_id":"m","user_id":"u","device_type":"ios","masked_ip":"old","masked_device_id":"old","locale":null,"app_version":1,"app_version_text":"1","sent_at":"2026-12-01T00:00:00Z"}"#;
+        // Not a valid login today (no app version), as if the validator had become stricter.
+        let event = r#"{"user_id":"u","app_version":"","device_type":"ios","ip":"198.51.100.7","locale":null,"device_id":"123-45-6789"}"#;
+        assert!(decode(event).is_err());
+        let meta = MessageMeta { message_id: "m".into(), sent_at: chrono::Utc::now() };
+        let copy = quarantine_copy(&masker, meta, &Original::Rebuilt(event.into()), previous);
+        let copy: serde_json::Value = serde_json::from_str(&copy).unwrap();
+        assert_eq!(copy["masked_ip"], masker.mask("198.51.100.7"));
+        assert_eq!(copy["masked_device_id"], masker.mask("123-45-6789"));
+        assert_eq!((copy["user_id"].as_str(), copy["app_version_text"].as_str()), (Some("u"), Some("1")));
+        assert!(!copy.to_string().contains("198.51.100.7"));
     }
 }

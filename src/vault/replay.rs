@@ -68,7 +68,10 @@ pub async fn replay(
                 report.not_sealed += 1;
                 continue;
             };
-            let key = keys.key(*key_id, wrapped).await?;
+            let Some(key) = keys.key(*key_id, wrapped).await? else {
+                report.does_not_open += 1;
+                continue;
+            };
             let original = match row.original(key) {
                 Ok(Some(original)) => original,
                 Ok(None) => {
@@ -123,6 +126,7 @@ pub async fn replay(
 async fn move_to_sns_id(sink: &Sink, key: &DataKey, from: &str, to: &str, received: &str) -> Result<bool, VaultError> {
     let mut client = sink.client().await.map_err(db_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
+    tx.execute(crate::sink::SHARE_ERASURE_LOCK, &[]).await.map_err(db_error)?;
     let stored: bool = tx
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM user_logins WHERE message_id = $1)
@@ -137,6 +141,8 @@ async fn move_to_sns_id(sink: &Sink, key: &DataKey, from: &str, to: &str, receiv
         tx.execute("DELETE FROM user_logins_pii WHERE message_id = $1", &[&from]).await.map_err(db_error)?;
     } else {
         let sealed = key.seal(to, Column::Body, received.as_bytes());
+        // A vault row under the new id that no row or quarantine record refers to is an orphan.
+        tx.execute("DELETE FROM user_logins_pii WHERE message_id = $1", &[&to]).await.map_err(db_error)?;
         tx.execute("UPDATE user_logins_quarantine SET message_id = $2 WHERE message_id = $1", &[&from, &to])
             .await
             .map_err(db_error)?;

@@ -442,11 +442,15 @@ async fn forget_erases_the_quarantined_bodies_that_name_the_user_and_no_others()
         malformed(&user),
         // Double-encoded: the clear copy holds the id JSON-escaped.
         serde_json::to_string(&malformed(&user)).unwrap(),
+        // Spaced as a hand-written body: still the user's.
+        format!("{{ \"user_id\" : \"{user}\", \"ip\": \"203.0.113.10\" }}"),
         malformed(&other),
+        // Another user's body that mentions the id under another key is not theirs.
+        serde_json::json!({"user_id": other, "referred_by": user, "ip": "203.0.113.11"}).to_string(),
     ];
     let ids = env.publish_with_ids(&bodies).await;
     let summary = env.drain(&["--pii-kms-key-id", &key]).await;
-    assert_eq!((summary.written, summary.quarantined), (1, 3));
+    assert_eq!((summary.written, summary.quarantined), (1, 5));
 
     let out = run_binary(&env, &["forget", "--user-id", &user, "--reason", "erasure request 7"], &[]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -458,14 +462,86 @@ async fn forget_erases_the_quarantined_bodies_that_name_the_user_and_no_others()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let mut expected = ids[..3].to_vec();
+    let mut expected = ids[..4].to_vec();
     expected.sort();
-    assert_eq!(erased, expected, "the user's row and both quarantined bodies naming them");
-    let kept: Option<Vec<u8>> =
-        db.query_one("SELECT sealed_body FROM user_logins_pii WHERE message_id = $1", &[&ids[3]]).await.unwrap().get(0);
-    assert!(kept.is_some(), "another user's quarantined body stays sealed");
+    assert_eq!(erased, expected, "the user's row and the three quarantined bodies naming them");
+    for id in &ids[4..] {
+        let kept: Option<Vec<u8>> =
+            db.query_one("SELECT sealed_body FROM user_logins_pii WHERE message_id = $1", &[id]).await.unwrap().get(0);
+        assert!(kept.is_some(), "another user's quarantined body stays sealed");
+    }
 
     let out = run_binary(&env, &["forget", "--user-id", "", "--reason", "x"], &[]).await;
     assert!(!out.status.success(), "an empty user id is refused");
     assert!(String::from_utf8_lossy(&out.stderr).contains("must not be empty"));
+}
+
+#[tokio::test]
+async fn replay_and_remask_go_past_a_data_key_kms_refuses_and_a_rebuilt_event_stays_replayable() {
+    let env = TestEnv::new().await;
+    let key = kms_key(&env).await;
+    env.migrated_sink().await;
+    let db = env.db().await;
+    db.batch_execute("ALTER TABLE user_logins ADD CONSTRAINT no_tablets CHECK (device_type <> 'tablet')")
+        .await
+        .unwrap();
+    // Two runs, two data keys: three refused rows sealed under each.
+    let mut sent = Vec::new();
+    for run in 0..2 {
+        let bodies: Vec<String> = (0..3).map(|i| login_body(run * 3 + i, "tablet").0).collect();
+        sent.extend(env.publish_with_ids(&bodies).await);
+        let summary = env.drain(&["--pii-kms-key-id", &key]).await;
+        assert_eq!((summary.written, summary.quarantined), (0, 3), "{summary:?}");
+    }
+    // The first key's wrapped copy is damaged: KMS refuses it for good.
+    db.execute(
+        "UPDATE pii_data_keys SET wrapped_key = '\\x00010203'::bytea
+         WHERE id = (SELECT data_key_id FROM user_logins_pii WHERE message_id = $1)",
+        &[&sent[0]],
+    )
+    .await
+    .unwrap();
+    // One refused row's copy is no login today's validator accepts (as if it had become stricter).
+    db.execute(
+        "UPDATE user_logins_quarantine SET masked_body = jsonb_set(masked_body::jsonb, '{app_version_text}', '\"\"')::text
+         WHERE message_id = $1",
+        &[&sent[3]],
+    )
+    .await
+    .unwrap();
+    db.batch_execute("ALTER TABLE user_logins DROP CONSTRAINT no_tablets").await.unwrap();
+
+    let replay = || async {
+        let out = run_binary(&env, &["quarantine", "replay"], &[]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let report = replay().await;
+    assert_eq!(report["examined"], 6, "{report}");
+    assert_eq!(report["does_not_open"], 3, "the damaged key's records are counted, not fatal: {report}");
+    assert_eq!(report["written"], 2, "{report}");
+    let still: u64 = report["still_quarantined"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(still, 1, "{report}");
+    let sealed_body: Option<Vec<u8>> = db
+        .query_one("SELECT sealed_body FROM user_logins_pii WHERE message_id = $1", &[&sent[3]])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(sealed_body.is_some(), "the rebuilt event is sealed for the next replay");
+
+    // Replayed again: the still-refused record is still replayable, not lost as `not_sealed`.
+    let report = replay().await;
+    assert_eq!(report["examined"], 4, "{report}");
+    assert_eq!(report["does_not_open"], 3, "{report}");
+    assert_eq!(report["not_sealed"], 0, "{report}");
+
+    // Remask goes past the damaged key too.
+    let out = run_binary(&env, &["remask"], &[("MASK_KEY", "rotated-integration-key-0123456789abcd")]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["rows"], 2, "{report}");
+    assert_eq!(report["quarantined"], 1, "{report}");
+    assert_eq!(report["does_not_open"], 3, "{report}");
+    let raw: Vec<String> = (0..6).flat_map(|i| [login_body(i, "tablet").2, login_body(i, "tablet").3]).collect();
+    assert_no_raw_value_outside_the_vault(&db, &raw.iter().map(String::as_str).collect::<Vec<_>>()).await;
 }
