@@ -8,7 +8,7 @@
 #   D. psql \copy of B's rows into a fresh user_logins vs loginflow's sink writing the same rows
 # Settings: N (200000), POLLERS (4, loginflow's default), LATENCY_RATE (1000), LATENCY_SECS (20),
 #           REPLICAS (1: loginflow processes in B), PHASES (ABCD: which of the above to run).
-# Any loginflow setting (BATCH_MAX_ROWS, MASK_CONCURRENCY, ...) set in the environment applies to B, C and D.
+# Any loginflow setting (BATCH_MAX_ROWS, POLLERS, ...) set in the environment applies to B, C and D.
 # Results: printed, and written to target/loadtest/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

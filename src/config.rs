@@ -245,14 +245,9 @@ pub struct RunArgs {
           value_parser = count(1, 10_000_000))]
     pub dedup_capacity: usize,
 
-    /// Receive batches decoded and masked in parallel (1..=64).
-    #[arg(long, env = "MASK_CONCURRENCY", value_name = "MASK_CONCURRENCY", default_value = "4",
-          value_parser = count(1, 64))]
-    pub mask_concurrency: usize,
-
-    /// Tokio worker threads of the pipeline, beside the main thread (1..=256). One is the cheapest
-    /// per message (fewest hand-offs between threads) and carries several thousand messages a
-    /// second (BENCHMARKS.md). Raise it when one process must carry more; or run more replicas.
+    /// Tokio worker threads the pipeline runs on (1..=256). One is the cheapest per message (no
+    /// hand-offs between threads) and carries several thousand messages a second (BENCHMARKS.md).
+    /// Raise it when one process must carry more; or run more replicas.
     #[arg(long, env = "WORKER_THREADS", value_name = "WORKER_THREADS", default_value = "1",
           value_parser = count(1, 256))]
     pub worker_threads: usize,
@@ -526,7 +521,6 @@ mod tests {
             ("--worker-threads", "WORKER_THREADS", "0"),
             ("--worker-threads", "WORKER_THREADS", "257"),
             ("--sink-connections", "SINK_CONNECTIONS", "65"),
-            ("--mask-concurrency", "MASK_CONCURRENCY", "65"),
             ("--max-inflight-bytes", "MAX_INFLIGHT_BYTES", "1000"),
             ("--receive-wait-secs", "RECEIVE_WAIT_SECS", "0"),
         ] {

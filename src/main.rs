@@ -35,15 +35,16 @@ fn init_logging(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    // `run` drives its stream graph on this thread and spawns pollers, processing and database
-    // connections onto WORKER_THREADS workers (default 1): fewer hand-offs between threads than
-    // one worker per core, the main cost per message on two cores (BENCHMARKS.md). A
-    // current-thread runtime was cheaper still but fell below the end-to-end bar.
+    // The command runs as a task on WORKER_THREADS workers (default 1), beside its pollers,
+    // database connections and SDK connections, so a message crosses no thread on its way:
+    // hand-offs between threads were the main cost per message beyond the SDK's (BENCHMARKS.md).
+    // The main thread only waits for that task.
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Command::Run(args) = &cli.command {
         runtime.worker_threads(args.worker_threads);
     }
-    runtime.enable_all().build().context("cannot start the async runtime")?.block_on(command(cli.command))
+    let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async { tokio::spawn(command(cli.command)).await.context("the command's task failed")? })
 }
 
 async fn command(command: Command) -> anyhow::Result<()> {

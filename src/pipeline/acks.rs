@@ -2,7 +2,14 @@
 //! sink's next writes (never before their commit). Acks of consecutive windows are gathered
 //! into full `DeleteMessageBatch` calls of ten, so small windows do not multiply the calls;
 //! a partial batch waits at most [`ACK_LINGER`].
+//!
+//! Deletes yield to receives: one call at a time while fewer than [`CATCH_UP_PENDING`] acks
+//! wait, so during a backlog the queue service spends itself on receives and rows land sooner;
+//! past that, or once the source stops (shutdown, end of a drain), [`CATCH_UP_CONCURRENCY`]
+//! calls catch up. A committed message whose delete is late is at worst redelivered, and then
+//! dropped as a duplicate by the dedup cache or the unique index.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +17,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::summary::Stats;
 use super::Stages;
@@ -19,10 +27,15 @@ use crate::source::{Ack, SQS_BATCH_LIMIT};
 
 /// How long a partial batch of deletes waits for more acks.
 const ACK_LINGER: Duration = Duration::from_millis(20);
-/// Delete calls in flight at once.
-const ACK_CONCURRENCY: usize = 8;
+/// Delete calls in flight at once while fewer than [`CATCH_UP_PENDING`] acks wait.
+const ACK_CONCURRENCY: usize = 1;
+/// Delete calls in flight at once when deletes fall [`CATCH_UP_PENDING`] acks behind.
+const CATCH_UP_CONCURRENCY: usize = 8;
+/// Acks waiting from which deletes run at [`CATCH_UP_CONCURRENCY`]. Each holds its message id
+/// and receipt handle (a few hundred bytes), so [`MAX_PENDING`] of them stay within ~20 MiB.
+const CATCH_UP_PENDING: usize = 20_000;
 /// Most acks gathered before the stage stops taking more (the sink then waits on the channel).
-const MAX_PENDING: usize = 2_000;
+const MAX_PENDING: usize = 2 * CATCH_UP_PENDING;
 
 /// A stored message: deleted, then remembered as committed by the dedup cache.
 pub(super) struct Stored {
@@ -32,9 +45,14 @@ pub(super) struct Stored {
 }
 
 impl Stages {
-    /// Deletes what `committed` sends until it closes and every delete has ended.
-    pub(super) async fn acknowledge(self: Arc<Self>, mut committed: mpsc::Receiver<Vec<Stored>>) {
-        let mut pending: Vec<Stored> = Vec::new();
+    /// Deletes what `committed` sends until it closes and every delete has ended; catches up
+    /// at full speed once `source_stopped` is cancelled.
+    pub(super) async fn acknowledge(
+        self: Arc<Self>,
+        mut committed: mpsc::Receiver<Vec<Stored>>,
+        source_stopped: CancellationToken,
+    ) {
+        let mut pending: VecDeque<Stored> = VecDeque::new();
         let mut deleting = FuturesUnordered::new();
         let mut open = true;
         let mut oldest = Instant::now();
@@ -44,10 +62,15 @@ impl Stages {
                     || !open
                     || oldest.elapsed() >= ACK_LINGER
                     || self.abort.is_cancelled());
+            let catch_up = pending.len() >= CATCH_UP_PENDING || !open || source_stopped.is_cancelled();
+            let concurrency = match catch_up {
+                true => CATCH_UP_CONCURRENCY,
+                false => ACK_CONCURRENCY,
+            };
             tokio::select! {
                 biased;
                 Some(()) = deleting.next(), if !deleting.is_empty() => {}
-                () = std::future::ready(()), if due && deleting.len() < ACK_CONCURRENCY => {
+                () = std::future::ready(()), if due && deleting.len() < concurrency => {
                     let batch: Vec<Stored> = pending.drain(..pending.len().min(SQS_BATCH_LIMIT)).collect();
                     if !pending.is_empty() {
                         oldest = Instant::now();

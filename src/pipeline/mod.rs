@@ -209,6 +209,25 @@ impl Stages {
         items
     }
 
+    /// [`Stages::process`] in the poller that received the batch; a batch with large bodies
+    /// (milliseconds each to scrub and seal) on a blocking thread instead, so the pollers,
+    /// visibility extension and database connections keep running meanwhile. `None` when
+    /// processing panicked: a bug, not bad data, so the messages are left for redelivery
+    /// (and, at last, the DLQ).
+    async fn process_received(self: Arc<Self>, batch: Vec<Envelope>) -> Option<Vec<Item>> {
+        let large = batch.iter().map(|e| e.body.len()).sum::<usize>() > LARGE_BATCH_BYTES;
+        let processed = match large {
+            true => tokio::task::spawn_blocking(move || self.process(batch)).await.map_err(|_| ()),
+            false => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(batch))).map_err(|_| ()),
+        };
+        if processed.is_err() {
+            metrics::error("decode", "gave_up");
+            // A panic's message may quote body text: say only that it panicked.
+            tracing::error!("processing a receive batch panicked; messages left for redelivery");
+        }
+        processed.ok()
+    }
+
     /// Writes one window (retrying while the database is unavailable, until it commits or
     /// shutdown gives up), releases the messages it could not store for the dead-letter
     /// queue, and hands the stored ones to the acknowledgement stage ([`acks`]).
@@ -377,7 +396,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
     // Source: pollers stop on this token; everything downstream then drains and ends.
     let stop_source = CancellationToken::new();
     let budget = Budget::new(args.max_inflight_bytes);
-    let (to_process, received) = mpsc::channel::<Vec<Envelope>>(args.pollers * 2);
+    let (to_window, processed) = mpsc::channel::<Vec<Item>>(args.pollers * 2);
     let settings = ReceiveSettings {
         queue_url: args.sqs.queue_url.clone(),
         wait_secs: args.receive_wait_secs,
@@ -386,17 +405,19 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
     };
     let poller_tasks = TaskTracker::new();
     for _ in 0..args.pollers {
+        let stages = stages.clone();
         poller_tasks.spawn(source::receive_loop(
             sqs_client.clone(),
             settings.clone(),
             stages.in_flight.clone(),
             budget.clone(),
-            to_process.clone(),
+            move |batch| stages.clone().process_received(batch),
+            to_window.clone(),
             stop_source.clone(),
         ));
     }
     poller_tasks.close();
-    drop(to_process);
+    drop(to_window);
     tracker.spawn(source::extend_visibility(
         sqs_client.clone(),
         args.sqs.queue_url.clone(),
@@ -413,41 +434,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         background.clone(),
     ));
 
-    let process_stage = stages.clone();
     let flush_stage = stages.clone();
-    let masked = ReceiverStream::new(received)
-        .map(move |batch: Vec<Envelope>| {
-            let stages = process_stage.clone();
-            let receipts: Vec<String> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
-            // Large bodies take milliseconds each to scrub and seal: off the runtime's threads, so
-            // the pollers, visibility extension and database connections keep running meanwhile.
-            let large = batch.iter().map(|e| e.body.len()).sum::<usize>() > LARGE_BATCH_BYTES;
-            async move {
-                let processing = {
-                    let stages = stages.clone();
-                    match large {
-                        true => tokio::task::spawn_blocking(move || stages.process(batch)),
-                        false => tokio::spawn(async move { stages.process(batch) }),
-                    }
-                };
-                match processing.await {
-                    Ok(items) => items,
-                    Err(err) => {
-                        // A bug, not bad data: leave the messages for redelivery (and, at last, the DLQ).
-                        metrics::error("decode", "gave_up");
-                        // A panic's message may quote body text: log only that it panicked.
-                        tracing::error!(
-                            panicked = err.is_panic(),
-                            "processing task failed; messages left for redelivery"
-                        );
-                        stages.in_flight.release(receipts.iter().map(String::as_str));
-                        Vec::new()
-                    }
-                }
-            }
-        })
-        .buffered(args.mask_concurrency)
-        .flat_map(stream::iter);
+    let masked = ReceiverStream::new(processed).flat_map(stream::iter);
     let (to_acknowledge, committed) = mpsc::channel::<Vec<Stored>>(COMMITTED_WINDOWS);
     let writes = windows::write_in_windows(
         masked,
@@ -461,7 +449,7 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         },
     );
     let pipeline = async {
-        tokio::join!(writes, stages.clone().acknowledge(committed));
+        tokio::join!(writes, stages.clone().acknowledge(committed, stop_source.clone()));
     };
     tokio::pin!(pipeline);
 

@@ -155,18 +155,24 @@ pub struct ReceiveSettings {
     pub max_backoff: Duration,
 }
 
-/// One long-polling receiver: receives up to 10 messages at a time and hands each
-/// batch to `out`. Waiting on the byte budget or on a full `out` is the back-pressure that
-/// keeps memory bounded. Returns when `stop` is cancelled (whatever it is waiting on) or
-/// `out` is closed; a batch it could not hand over is left for redelivery.
-pub async fn receive_loop(
+/// One long-polling receiver: receives up to 10 messages at a time, turns each batch into
+/// what `process` makes of it, in this task (no hand-off per batch), and hands that to `out`;
+/// a batch `process` fails on (`None`, a bug) is left for redelivery.
+/// Waiting on the byte budget or on a full `out` is the back-pressure that keeps memory
+/// bounded. Returns when `stop` is cancelled (whatever it is waiting on) or `out` is closed;
+/// a batch it could not hand over is left for redelivery.
+pub async fn receive_loop<T, F, Fut>(
     client: Client,
     settings: ReceiveSettings,
     in_flight: Arc<InFlight>,
     budget: Budget,
-    out: mpsc::Sender<Vec<Envelope>>,
+    process: F,
+    out: mpsc::Sender<T>,
     stop: CancellationToken,
-) {
+) where
+    F: Fn(Vec<Envelope>) -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let mut backoff = Backoff::new(settings.max_backoff);
     loop {
         let reservation = tokio::select! {
@@ -216,9 +222,13 @@ pub async fn receive_loop(
             envelope.share = Some(share);
         }
         let receipts: Vec<String> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
+        let Some(processed) = process(batch).await else {
+            in_flight.release(receipts.iter().map(String::as_str));
+            continue;
+        };
         let sent = tokio::select! {
             _ = stop.cancelled() => false,
-            sent = out.send(batch) => sent.is_ok(),
+            sent = out.send(processed) => sent.is_ok(),
         };
         if !sent {
             // Never processed: the queue redelivers these once their visibility timeout ends.
