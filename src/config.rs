@@ -245,6 +245,12 @@ pub struct RunArgs {
           value_parser = count(1, 10_000_000))]
     pub dedup_capacity: usize,
 
+    /// Receive batches decoded and masked at once (1..=64), each by the poller that received it
+    /// (large ones on blocking threads).
+    #[arg(long, env = "MASK_CONCURRENCY", value_name = "MASK_CONCURRENCY", default_value = "4",
+          value_parser = count(1, 64))]
+    pub mask_concurrency: usize,
+
     /// Tokio worker threads the pipeline runs on (1..=256). One is the cheapest per message (no
     /// hand-offs between threads) and carries several thousand messages a second (BENCHMARKS.md).
     /// Raise it when one process must carry more; or run more replicas.
@@ -521,6 +527,7 @@ mod tests {
             ("--worker-threads", "WORKER_THREADS", "0"),
             ("--worker-threads", "WORKER_THREADS", "257"),
             ("--sink-connections", "SINK_CONNECTIONS", "65"),
+            ("--mask-concurrency", "MASK_CONCURRENCY", "65"),
             ("--max-inflight-bytes", "MAX_INFLIGHT_BYTES", "1000"),
             ("--receive-wait-secs", "RECEIVE_WAIT_SECS", "0"),
         ] {

@@ -35,6 +35,11 @@ fn init_logging(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // A panic's message may quote a body (and its PII): report where it happened, never what it said.
+    std::panic::set_hook(Box::new(|info| {
+        let place = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!(%place, "panicked");
+    }));
     // The command runs as a task on WORKER_THREADS workers (default 1), beside its pollers,
     // database connections and SDK connections, so a message crosses no thread on its way:
     // hand-offs between threads were the main cost per message beyond the SDK's (BENCHMARKS.md).
@@ -44,7 +49,15 @@ fn main() -> anyhow::Result<()> {
         runtime.worker_threads(args.worker_threads);
     }
     let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
-    runtime.block_on(async { tokio::spawn(command(cli.command)).await.context("the command's task failed")? })
+    runtime.block_on(async {
+        match tokio::spawn(command(cli.command)).await {
+            Ok(result) => result,
+            // Its message may quote external data: only that it panicked (the hook printed where).
+            Err(err) => {
+                anyhow::bail!("the command's task {}", if err.is_panic() { "panicked" } else { "was cancelled" })
+            }
+        }
+    })
 }
 
 async fn command(command: Command) -> anyhow::Result<()> {

@@ -4,10 +4,10 @@
 //! a partial batch waits at most [`ACK_LINGER`].
 //!
 //! Deletes yield to receives: one call at a time while fewer than [`CATCH_UP_PENDING`] acks
-//! wait, so during a backlog the queue service spends itself on receives and rows land sooner;
-//! past that, or once the source stops (shutdown, end of a drain), [`CATCH_UP_CONCURRENCY`]
-//! calls catch up. A committed message whose delete is late is at worst redelivered, and then
-//! dropped as a duplicate by the dedup cache or the unique index.
+//! wait and none has waited [`max_ack_lag`], so during a backlog the queue service spends itself
+//! on receives and rows land sooner; past either, or once the source stops (shutdown),
+//! [`CATCH_UP_CONCURRENCY`] calls catch up. A committed message whose delete is late is at worst
+//! redelivered (a crash), and then dropped as a duplicate by the unique index.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,10 +31,17 @@ const ACK_LINGER: Duration = Duration::from_millis(20);
 const ACK_CONCURRENCY: usize = 1;
 /// Delete calls in flight at once when deletes fall [`CATCH_UP_PENDING`] acks behind.
 const CATCH_UP_CONCURRENCY: usize = 8;
-/// Acks waiting from which deletes run at [`CATCH_UP_CONCURRENCY`]. Each holds its message id
-/// and receipt handle (a few hundred bytes), so [`MAX_PENDING`] of them stay within ~20 MiB.
-const CATCH_UP_PENDING: usize = 20_000;
+/// Acks waiting from which deletes run at [`CATCH_UP_CONCURRENCY`].
+const CATCH_UP_PENDING: usize = 10_000;
+/// How long an ack may wait before deletes run at [`CATCH_UP_CONCURRENCY`]: a quarter of the
+/// visibility timeout, at most 5 s, so committed messages are deleted before they are due for
+/// visibility extension (at half the timeout); also a bound on what a crash leaves to redeliver.
+pub(super) fn max_ack_lag(visibility_timeout: Duration) -> Duration {
+    (visibility_timeout / 4).min(Duration::from_secs(5))
+}
 /// Most acks gathered before the stage stops taking more (the sink then waits on the channel).
+/// Each holds its message id and receipt handle, as does the in-flight registry: with SQS's
+/// receipt handles (up to ~1 KiB) at most ~40 MiB, ~10 MiB against LocalStack's.
 const MAX_PENDING: usize = 2 * CATCH_UP_PENDING;
 
 /// A stored message: deleted, then remembered as committed by the dedup cache.
@@ -42,6 +49,8 @@ pub(super) struct Stored {
     pub ack: Ack,
     /// `None` for a cache duplicate (already remembered).
     pub fingerprint: Option<Fingerprint>,
+    /// When its row (or quarantine record) committed.
+    pub committed_at: Instant,
 }
 
 impl Stages {
@@ -55,39 +64,34 @@ impl Stages {
         let mut pending: VecDeque<Stored> = VecDeque::new();
         let mut deleting = FuturesUnordered::new();
         let mut open = true;
-        let mut oldest = Instant::now();
         while open || !pending.is_empty() || !deleting.is_empty() {
+            let oldest = pending.front().map(|stored| stored.committed_at);
+            let waited = oldest.map_or(Duration::ZERO, |at| at.elapsed());
             let due = !pending.is_empty()
-                && (pending.len() >= SQS_BATCH_LIMIT
-                    || !open
-                    || oldest.elapsed() >= ACK_LINGER
-                    || self.abort.is_cancelled());
-            let catch_up = pending.len() >= CATCH_UP_PENDING || !open || source_stopped.is_cancelled();
+                && (pending.len() >= SQS_BATCH_LIMIT || !open || waited >= ACK_LINGER || self.abort.is_cancelled());
+            let catch_up = pending.len() >= CATCH_UP_PENDING
+                || waited >= self.max_ack_lag
+                || !open
+                || source_stopped.is_cancelled();
             let concurrency = match catch_up {
                 true => CATCH_UP_CONCURRENCY,
                 false => ACK_CONCURRENCY,
             };
+            let linger_until = oldest.unwrap_or_else(Instant::now) + ACK_LINGER;
             tokio::select! {
                 biased;
                 Some(()) = deleting.next(), if !deleting.is_empty() => {}
                 () = std::future::ready(()), if due && deleting.len() < concurrency => {
                     let batch: Vec<Stored> = pending.drain(..pending.len().min(SQS_BATCH_LIMIT)).collect();
-                    if !pending.is_empty() {
-                        oldest = Instant::now();
-                    }
                     deleting.push(self.delete_batch(batch));
                 }
                 received = committed.recv(), if open && pending.len() < MAX_PENDING => match received {
-                    Some(stored) => {
-                        if pending.is_empty() {
-                            oldest = Instant::now();
-                        }
-                        pending.extend(stored);
-                    }
+                    Some(stored) => pending.extend(stored),
                     None => open = false,
                 },
-                () = tokio::time::sleep_until(oldest + ACK_LINGER), if !pending.is_empty() && !due => {}
+                () = tokio::time::sleep_until(linger_until), if !pending.is_empty() && !due => {}
                 () = self.abort.cancelled(), if !pending.is_empty() && !due => {}
+                () = source_stopped.cancelled(), if !catch_up && !pending.is_empty() => {}
             }
         }
     }

@@ -187,6 +187,10 @@ impl Window {
 /// Everything the stages share.
 struct Stages {
     transform: Transform,
+    /// How long a committed message's delete may wait ([`acks::max_ack_lag`]).
+    max_ack_lag: Duration,
+    /// `MASK_CONCURRENCY` permits: receive batches processed at once.
+    processing: Arc<tokio::sync::Semaphore>,
     sink: Sink,
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
@@ -215,6 +219,8 @@ impl Stages {
     /// processing panicked: a bug, not bad data, so the messages are left for redelivery
     /// (and, at last, the DLQ).
     async fn process_received(self: Arc<Self>, batch: Vec<Envelope>) -> Option<Vec<Item>> {
+        // Never closed, so acquiring only waits.
+        let _permit = self.processing.clone().acquire_owned().await.ok()?;
         let large = batch.iter().map(|e| e.body.len()).sum::<usize>() > LARGE_BATCH_BYTES;
         let processed = match large {
             true => tokio::task::spawn_blocking(move || self.process(batch)).await.map_err(|_| ()),
@@ -244,6 +250,7 @@ impl Stages {
         };
         self.record_commit(&window, &written, started);
 
+        let committed_at = tokio::time::Instant::now();
         let unstorable: HashSet<&str> = written.unstorable.iter().map(String::as_str).collect();
         let mut stored = Vec::with_capacity(window.acks.len());
         let mut released = Vec::new();
@@ -251,7 +258,7 @@ impl Stages {
             if unstorable.contains(ack.message_id.as_str()) {
                 released.push(ack.receipt_handle);
             } else {
-                stored.push(Stored { ack, fingerprint });
+                stored.push(Stored { ack, fingerprint, committed_at });
             }
         }
         // The channel closes only after every flush has ended, so this send cannot fail.
@@ -384,6 +391,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
     let dedup = Dedup::new(args.dedup_capacity, Duration::from_secs(args.dedup_ttl_secs));
     let stages = Arc::new(Stages {
         transform: Transform { masker, dedup, input_format: args.input_format, vault },
+        processing: Arc::new(tokio::sync::Semaphore::new(args.mask_concurrency)),
+        max_ack_lag: acks::max_ack_lag(args.visibility_timeout()),
         sink,
         sqs: sqs_client.clone(),
         queue_url: args.sqs.queue_url.clone(),
@@ -543,6 +552,8 @@ mod tests {
                 input_format: InputFormat::Auto,
                 vault: None,
             },
+            processing: Arc::new(tokio::sync::Semaphore::new(1)),
+            max_ack_lag: Duration::from_secs(1),
             sink: Sink::new("postgres://nobody@127.0.0.1:9/none".parse().unwrap(), 1),
             sqs: sqs::client(&sqs_args).await,
             queue_url: sqs_args.queue_url,

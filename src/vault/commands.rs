@@ -145,10 +145,11 @@ pub async fn reveal(
 /// clear copy, with any spacing, written plainly or JSON-escaped inside a string (a double-encoded
 /// record, an SNS envelope read raw) — and no other occurrence of the id.
 fn user_id_pattern(user_id: &str) -> String {
-    // `\` before any non-alphanumeric character makes it literal in PostgreSQL's regex syntax.
+    // `\` before an ASCII non-alphanumeric character makes it literal in PostgreSQL's regex
+    // syntax; no other character is special.
     let literal = |text: &str| {
         text.chars().fold(String::new(), |mut out, c| {
-            if !c.is_alphanumeric() {
+            if c.is_ascii() && !c.is_ascii_alphanumeric() {
                 out.push('\\');
             }
             out.push(c);

@@ -241,18 +241,11 @@ impl KeyRing {
     }
 }
 
-/// KMS answers that no retry changes for this wrapped key: it is damaged or not this KMS key's,
-/// or the KMS key is disabled, pending deletion or gone.
+/// KMS answers that nothing changes for this wrapped key: it is damaged or not this KMS key's,
+/// or the KMS key is gone. A disabled key, or one pending deletion, can come back: an error.
 fn refused_for_good(err: &aws_sdk_kms::Error) -> bool {
     use aws_sdk_kms::Error as E;
-    matches!(
-        err,
-        E::InvalidCiphertextException(_)
-            | E::IncorrectKeyException(_)
-            | E::DisabledException(_)
-            | E::KmsInvalidStateException(_)
-            | E::NotFoundException(_)
-    )
+    matches!(err, E::InvalidCiphertextException(_) | E::IncorrectKeyException(_) | E::NotFoundException(_))
 }
 
 /// `GenerateDataKey` (AES-256), then the wrapped copy into `pii_data_keys` before first use.

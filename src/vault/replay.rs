@@ -141,13 +141,32 @@ async fn move_to_sns_id(sink: &Sink, key: &DataKey, from: &str, to: &str, receiv
         tx.execute("DELETE FROM user_logins_pii WHERE message_id = $1", &[&from]).await.map_err(db_error)?;
     } else {
         let sealed = key.seal(to, Column::Body, received.as_bytes());
-        // A vault row under the new id that no row or quarantine record refers to is an orphan.
-        tx.execute("DELETE FROM user_logins_pii WHERE message_id = $1", &[&to]).await.map_err(db_error)?;
+        // A vault row under the new id that no row or quarantine record refers to is an orphan;
+        // an erased one stays (that id was forgotten), and this copy's vault row then goes.
+        tx.execute(
+            "DELETE FROM user_logins_pii p WHERE p.message_id = $1 AND p.erased_at IS NULL
+               AND NOT EXISTS (SELECT 1 FROM user_logins WHERE message_id = $1)
+               AND NOT EXISTS (SELECT 1 FROM user_logins_quarantine WHERE message_id = $1)",
+            &[&to],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM user_logins_pii WHERE message_id = $1
+               AND EXISTS (SELECT 1 FROM user_logins_pii WHERE message_id = $2)",
+            &[&from, &to],
+        )
+        .await
+        .map_err(db_error)?;
         tx.execute("UPDATE user_logins_quarantine SET message_id = $2 WHERE message_id = $1", &[&from, &to])
             .await
             .map_err(db_error)?;
+        // The vault row moves with its message, erased or not: an erasure `forget` committed
+        // since this copy was opened stays, and keeps the replay from sealing it again.
         tx.execute(
-            "UPDATE user_logins_pii SET message_id = $2, sealed_body = $3 WHERE message_id = $1 AND erased_at IS NULL",
+            "UPDATE user_logins_pii SET message_id = $2,
+                 sealed_body = CASE WHEN erased_at IS NULL THEN $3 ELSE NULL END
+             WHERE message_id = $1",
             &[&from, &to, &sealed],
         )
         .await
