@@ -165,7 +165,7 @@ async fn move_to_sns_id(sink: &Sink, key: &DataKey, from: &str, to: &str, receiv
         // since this copy was opened stays, and keeps the replay from sealing it again.
         tx.execute(
             "UPDATE user_logins_pii SET message_id = $2,
-                 sealed_body = CASE WHEN erased_at IS NULL THEN $3 ELSE NULL END
+                 sealed_body = CASE WHEN erased_at IS NULL THEN $3::bytea END
              WHERE message_id = $1",
             &[&from, &to, &sealed],
         )

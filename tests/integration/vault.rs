@@ -318,16 +318,22 @@ async fn received_at(db: &tokio_postgres::Client, ids: &[String]) -> Vec<chrono:
     rows.iter().map(|r| r.get(0)).collect()
 }
 
-#[tokio::test]
-async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_rows_exactly_once() {
-    let env = TestEnv::new().await;
-    let key = kms_key(&env).await;
+/// A KMS key for the vault, and a stricter rule of the database (relaxed later by the test):
+/// no tablets, constraint `no_tablets`.
+async fn refuse_tablets(env: &TestEnv) -> (String, tokio_postgres::Client) {
+    let key = kms_key(env).await;
     env.migrated_sink().await;
     let db = env.db().await;
-    // A stricter rule of the database: no tablets (relaxed later).
     db.batch_execute("ALTER TABLE user_logins ADD CONSTRAINT no_tablets CHECK (device_type <> 'tablet')")
         .await
         .unwrap();
+    (key, db)
+}
+
+#[tokio::test]
+async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_rows_exactly_once() {
+    let env = TestEnv::new().await;
+    let (key, db) = refuse_tablets(&env).await;
     let logins: Vec<_> = (0..200).map(|i| login_body(i, if i % 10 == 3 { "tablet" } else { "android" })).collect();
     let mut bodies: Vec<String> = logins.iter().map(|l| l.0.clone()).collect();
     // SNS envelopes: quarantined while the pipeline reads bodies raw (a stricter input rule).
@@ -479,12 +485,7 @@ async fn forget_erases_the_quarantined_bodies_that_name_the_user_and_no_others()
 #[tokio::test]
 async fn replay_and_remask_go_past_a_data_key_kms_refuses_and_a_rebuilt_event_stays_replayable() {
     let env = TestEnv::new().await;
-    let key = kms_key(&env).await;
-    env.migrated_sink().await;
-    let db = env.db().await;
-    db.batch_execute("ALTER TABLE user_logins ADD CONSTRAINT no_tablets CHECK (device_type <> 'tablet')")
-        .await
-        .unwrap();
+    let (key, db) = refuse_tablets(&env).await;
     // Two runs, two data keys: three refused rows sealed under each.
     let mut sent = Vec::new();
     for run in 0..2 {
