@@ -394,11 +394,9 @@ fn not_blank(value: &str) -> Result<String, String> {
     }
 }
 
+/// A value that is not blank, trimmed.
 fn non_empty(value: &str) -> Result<String, String> {
-    match value.trim() {
-        "" => Err("must not be empty".into()),
-        text => Ok(text.to_owned()),
-    }
+    not_blank(value).map(|_| value.trim().to_owned())
 }
 
 /// `loginflow generate`.

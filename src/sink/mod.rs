@@ -110,12 +110,21 @@ ON CONFLICT (message_id) DO UPDATE SET sealed_body = EXCLUDED.sealed_body
 WHERE user_logins_pii.sealed_body IS NULL AND user_logins_pii.erased_at IS NULL
   AND EXCLUDED.sealed_body IS NOT NULL AND user_logins_pii.data_key_id = EXCLUDED.data_key_id";
 
-/// Taken (shared) by every transaction of `quarantine replay` that moves sealed values to a new
-/// vault row, and (exclusive) by `forget`: a replayed message's new vault row is either committed
-/// before `forget` looks for the user's rows, or written after it and sees its erasure.
-pub const SHARE_ERASURE_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(7421350061)";
-/// See [`SHARE_ERASURE_LOCK`].
-pub const TAKE_ERASURE_LOCK: &str = "SELECT pg_advisory_xact_lock(7421350061)";
+/// The advisory lock taken (shared) by every transaction of `quarantine replay` that moves sealed
+/// values to a new vault row ([`share_erasure_lock`]), and (exclusive) by `forget`
+/// ([`take_erasure_lock`]): a replayed message's new vault row is either committed before
+/// `forget` looks for the user's rows, or written after it and sees its erasure.
+const ERASURE_LOCK_ID: i64 = 7_421_350_061;
+
+/// Takes the erasure lock shared, until the end of `tx` (see [`ERASURE_LOCK_ID`]).
+pub async fn share_erasure_lock(tx: &tokio_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&ERASURE_LOCK_ID]).await.map(drop)
+}
+
+/// Takes the erasure lock exclusively, until the end of `tx` (see [`ERASURE_LOCK_ID`]).
+pub async fn take_erasure_lock(tx: &tokio_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ERASURE_LOCK_ID]).await.map(drop)
+}
 
 /// loginflow's version, recorded on every row (`transform_version`).
 pub const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -466,7 +475,7 @@ async fn write_transaction(
 async fn write_once(client: &mut Object, mode: Mode, part: Part<'_>) -> Result<Committed, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     if mode.replace {
-        tx.execute(SHARE_ERASURE_LOCK, &[]).await?;
+        share_erasure_lock(&tx).await?;
         let login_ids: Vec<&str> = part.logins.iter().map(|l| l.message_id.as_str()).collect();
         tx.execute(CLEAR_REPLAYED, &[&login_ids]).await?;
     }

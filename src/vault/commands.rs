@@ -172,7 +172,7 @@ pub async fn forget(
 ) -> Result<Vec<String>, VaultError> {
     let pattern = user_id_pattern(user_id);
     let tx = client.transaction().await.map_err(db_error)?;
-    tx.execute(crate::sink::TAKE_ERASURE_LOCK, &[]).await.map_err(db_error)?;
+    crate::sink::take_erasure_lock(&tx).await.map_err(db_error)?;
     let rows = tx
         .query(
             "UPDATE user_logins_pii p

@@ -204,7 +204,7 @@ impl Vault {
 pub struct KeyRing {
     kms: aws_sdk_kms::Client,
     keys: HashMap<Uuid, DataKey>,
-    /// Data keys KMS refused for good (a damaged wrapped copy, a disabled or deleted KMS key).
+    /// Data keys KMS refused for good (a damaged wrapped copy, a deleted KMS key).
     refused: std::collections::HashSet<Uuid>,
 }
 

@@ -198,6 +198,7 @@ fn quarantine_copy(masker: &Masker, meta: MessageMeta, original: &Original, prev
         Original::Received(body) => masker.mask_body(envelope::event(body, &envelope::unwrap(body, InputFormat::Auto))),
     }
 }
+
 /// A refused row's copy (a serialized `MaskedLogin`) with its masks renewed from the rebuilt
 /// `event`'s raw `ip` and `device_id`; `None` when either is not what the vault made it.
 fn remask_refused_row(masker: &Masker, previous: &str, event: &str) -> Option<String> {

@@ -126,7 +126,7 @@ pub async fn replay(
 async fn move_to_sns_id(sink: &Sink, key: &DataKey, from: &str, to: &str, received: &str) -> Result<bool, VaultError> {
     let mut client = sink.client().await.map_err(db_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
-    tx.execute(crate::sink::SHARE_ERASURE_LOCK, &[]).await.map_err(db_error)?;
+    crate::sink::share_erasure_lock(&tx).await.map_err(db_error)?;
     let stored: bool = tx
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM user_logins WHERE message_id = $1)
