@@ -77,7 +77,7 @@ impl Stages {
                 true => CATCH_UP_CONCURRENCY,
                 false => ACK_CONCURRENCY,
             };
-            let linger_until = oldest.unwrap_or_else(Instant::now) + ACK_LINGER;
+            let oldest_or_now = oldest.unwrap_or_else(Instant::now);
             tokio::select! {
                 biased;
                 Some(()) = deleting.next(), if !deleting.is_empty() => {}
@@ -89,7 +89,10 @@ impl Stages {
                     Some(stored) => pending.extend(stored),
                     None => open = false,
                 },
-                () = tokio::time::sleep_until(linger_until), if !pending.is_empty() && !due => {}
+                () = tokio::time::sleep_until(oldest_or_now + ACK_LINGER), if !pending.is_empty() && !due => {}
+                // Catch up when the oldest ack's lag runs out even if nothing else happens
+                // meanwhile (the one call in flight retrying, no new commits).
+                () = tokio::time::sleep_until(oldest_or_now + self.max_ack_lag), if !pending.is_empty() && !catch_up => {}
                 () = self.abort.cancelled(), if !pending.is_empty() && !due => {}
                 () = source_stopped.cancelled(), if !catch_up && !pending.is_empty() => {}
             }

@@ -102,13 +102,14 @@ ON CONFLICT (message_id) DO NOTHING";
 
 /// [`INSERT_SEALED`] for `quarantine replay`: a refused row's record replayed and still
 /// quarantined gets the event rebuilt from it as its sealed body, so its next replay has it whatever
-/// its new clear copy (unless erased, or sealed with another key).
+/// its new clear copy (unless erased, sealed with another key, or stored as a row meanwhile).
 const UPSERT_SEALED: &str = "\
 INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_id, sealed_body)
 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[])
 ON CONFLICT (message_id) DO UPDATE SET sealed_body = EXCLUDED.sealed_body
 WHERE user_logins_pii.sealed_body IS NULL AND user_logins_pii.erased_at IS NULL
-  AND EXCLUDED.sealed_body IS NOT NULL AND user_logins_pii.data_key_id = EXCLUDED.data_key_id";
+  AND EXCLUDED.sealed_body IS NOT NULL AND user_logins_pii.data_key_id = EXCLUDED.data_key_id
+  AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = EXCLUDED.message_id)";
 
 /// The advisory lock taken (shared) by every transaction of `quarantine replay` that moves sealed
 /// values to a new vault row ([`share_erasure_lock`]), and (exclusive) by `forget`

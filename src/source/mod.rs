@@ -159,8 +159,9 @@ pub struct ReceiveSettings {
 /// what `process` makes of it, in this task (no hand-off per batch), and hands that to `out`;
 /// a batch `process` fails on (`None`, a bug) is left for redelivery.
 /// Waiting on the byte budget or on a full `out` is the back-pressure that keeps memory
-/// bounded. Returns when `stop` is cancelled (whatever it is waiting on) or `out` is closed;
-/// a batch it could not hand over is left for redelivery.
+/// bounded. Returns when `stop` is cancelled (at once while it waits on the budget, the queue or
+/// `out`; after the batch it is processing, which takes milliseconds) or `out` is closed; a
+/// batch it could not hand over is left for redelivery.
 pub async fn receive_loop<T, F, Fut>(
     client: Client,
     settings: ReceiveSettings,
@@ -231,7 +232,7 @@ pub async fn receive_loop<T, F, Fut>(
             sent = out.send(processed) => sent.is_ok(),
         };
         if !sent {
-            // Never processed: the queue redelivers these once their visibility timeout ends.
+            // Never stored: the queue redelivers these once their visibility timeout ends.
             in_flight.release(receipts.iter().map(String::as_str));
             return;
         }
