@@ -32,7 +32,7 @@ fn envelopes() -> Vec<Envelope> {
         .map(|(i, body)| {
             let id = if i % DUPLICATE_EVERY == 0 { format!("committed-{i}") } else { format!("m-{i}") };
             Envelope {
-                ack: Ack { message_id: id, receipt_handle: format!("receipt-{i}") },
+                ack: Ack { message_id: id, receipt_handle: format!("receipt-{i}").into() },
                 body: body.to_string(),
                 sent_at: Utc::now(),
                 share: None,

@@ -1,7 +1,10 @@
 //! The load test's baseline: a bare aws-sdk-sqs client that only receives and deletes,
 //! with as many concurrent pollers as loginflow uses. Prints messages per second.
 //!
-//! `bare_sqs_client <queue-url> <expected-messages> [pollers]` (AWS_ENDPOINT_URL as for loginflow).
+//! `bare_sqs_client <queue-url> <expected-messages> [pollers] [receive-only]` (AWS_ENDPOINT_URL as
+//! for loginflow). With `receive-only` it does not delete (messages stay invisible for 10 minutes),
+//! then deletes the queue: the fastest any consumer can take the messages off this queue service,
+//! a ceiling on how soon rows can be visible.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,10 +16,13 @@ use loginflow::config::SqsArgs;
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (queue_url, expected, pollers) = match args.as_slice() {
-        [_, url, n] => (url.clone(), n.parse::<u64>().expect("count"), 4),
-        [_, url, n, p] => (url.clone(), n.parse::<u64>().expect("count"), p.parse().expect("pollers")),
-        _ => panic!("usage: bare_sqs_client <queue-url> <expected-messages> [pollers]"),
+    let (queue_url, expected, pollers, receive_only) = match args.as_slice() {
+        [_, url, n] => (url.clone(), n.parse::<u64>().expect("count"), 4, false),
+        [_, url, n, p] => (url.clone(), n.parse::<u64>().expect("count"), p.parse().expect("pollers"), false),
+        [_, url, n, p, mode] if mode == "receive-only" => {
+            (url.clone(), n.parse::<u64>().expect("count"), p.parse().expect("pollers"), true)
+        }
+        _ => panic!("usage: bare_sqs_client <queue-url> <expected-messages> [pollers] [receive-only]"),
     };
     let sqs_args = SqsArgs {
         queue_url: queue_url.clone(),
@@ -38,6 +44,7 @@ async fn main() {
                         .queue_url(&queue_url)
                         .max_number_of_messages(10)
                         .wait_time_seconds(1)
+                        .set_visibility_timeout(receive_only.then_some(600))
                         // What any consumer of these events needs: the event time lives only here.
                         .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp)
                         .send()
@@ -47,6 +54,10 @@ async fn main() {
                     };
                     let messages = out.messages.unwrap_or_default();
                     if messages.is_empty() {
+                        continue;
+                    }
+                    if receive_only {
+                        done.fetch_add(messages.len() as u64, Ordering::Relaxed);
                         continue;
                     }
                     let entries = messages.iter().enumerate().filter_map(|(i, m)| {
@@ -74,5 +85,10 @@ async fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     let n = done.load(Ordering::Relaxed);
+    if receive_only {
+        // Its messages are held for 10 minutes: the emulator would keep tracking them while the
+        // next phase runs.
+        client.delete_queue().queue_url(&queue_url).send().await.expect("delete the receive-only queue");
+    }
     println!("{n} {secs:.3} {:.0}", n as f64 / secs);
 }

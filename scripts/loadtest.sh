@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Load test, everything side by side in one run against the same LocalStack and PostgreSQL:
 #   A. a bare aws-sdk-sqs client's receive+delete rate on N messages      (examples/bare_sqs_client.rs)
+#   R. the bare client receiving only (no deletes): the ceiling on any consumer's rows-visible rate
 #   B. loginflow's end-to-end rate on N messages (process start -> last row visible, and -> queue empty
 #      and process exited), peak RSS, whole-process CPU per message (A's too, same N)
 #   C. end-to-end latency p50/p99 at a steady publish rate (LATENCY_RATE msg/s for LATENCY_SECS s),
 #      SentTimestamp -> commit (pg_xact_commit_timestamp; services.sh turns track_commit_timestamp on)
 #   D. psql \copy of B's rows into a fresh user_logins vs loginflow's sink writing the same rows
 # Settings: N (200000), POLLERS (4, loginflow's default), LATENCY_RATE (1000), LATENCY_SECS (20),
-#           REPLICAS (1: loginflow processes in B), PHASES (ABCD: which of the above to run).
+#           REPLICAS (1: loginflow processes in B), PHASES (ARBCD: which of the above to run).
 # Any loginflow setting (BATCH_MAX_ROWS, POLLERS, ...) set in the environment applies to B, C and D.
 # Results: printed, and written to target/loadtest/results.md.
 set -euo pipefail
@@ -17,7 +18,7 @@ POLLERS=${POLLERS:-4}
 LATENCY_RATE=${LATENCY_RATE:-1000}
 LATENCY_SECS=${LATENCY_SECS:-20}
 REPLICAS=${REPLICAS:-1}
-PHASES=${PHASES:-ABCD}
+PHASES=${PHASES:-ARBCD}
 source scripts/services.sh
 trap services_down EXIT
 services_up
@@ -66,6 +67,12 @@ cpu_us_per_message() {
 }
 has A && bare_client before
 
+if has R; then
+  echo "[loadtest] R. bare SDK client, receive only: $N messages, $POLLERS pollers"
+  queue=$(seed "lt-receive-$run_id" "$N")
+  read -r _ _ receive_rate < <(target/release/examples/bare_sqs_client "$queue" "$N" "$POLLERS" receive-only)
+fi
+
 if has B; then
   echo "[loadtest] B. loginflow run --drain: $N messages, $REPLICAS process(es)"
   queue=$(seed "lt-flow-$run_id" "$N")
@@ -108,6 +115,10 @@ if has A; then
   if [ -n "${flow_rate:-}" ]; then
     row '| B / A (rows visible) | %s%% | >= 90%%; goal 135%% |' "$(pct "$flow_rate" "$bare_rate")"
     row '| B CPU / A CPU per message | %s | <= 1.2 |' "$(calc "$flow_cpu / $bare_cpu_mean")"
+  fi
+  if [ -n "${receive_rate:-}" ]; then
+    row '| R. bare SDK client, receive only: the ceiling on rows visible | %.0f msg/s, %s%% of A | |' \
+      "$receive_rate" "$(pct "$receive_rate" "$bare_rate")"
   fi
 fi
 

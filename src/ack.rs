@@ -52,7 +52,11 @@ async fn delete_chunk(client: &Client, queue_url: &str, chunk: &[Ack], max_backo
     let mut gave_up = 0;
     for attempt in 1..=DELETE_ATTEMPTS {
         let entries = pending.iter().enumerate().filter_map(|(i, ack)| {
-            DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(&ack.receipt_handle).build().ok()
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(&*ack.receipt_handle)
+                .build()
+                .ok()
         });
         let result =
             client.delete_message_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await;

@@ -256,7 +256,7 @@ impl Stages {
         let mut released = Vec::new();
         for (ack, fingerprint) in window.acks.into_iter().zip(window.fingerprints) {
             if unstorable.contains(ack.message_id.as_str()) {
-                released.push(ack.receipt_handle);
+                released.push(ack.receipt_handle.to_string());
             } else {
                 stored.push(Stored { ack, fingerprint, committed_at });
             }
@@ -566,7 +566,7 @@ mod tests {
 
     fn envelope(id: &str, body: &str) -> Envelope {
         Envelope {
-            ack: Ack { message_id: id.into(), receipt_handle: format!("r-{id}") },
+            ack: Ack { message_id: id.into(), receipt_handle: format!("r-{id}").into() },
             body: body.into(),
             sent_at: Utc::now(),
             share: None,

@@ -32,7 +32,8 @@ pub const SQS_BATCH_LIMIT: usize = 10;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {
     pub message_id: String,
-    pub receipt_handle: String,
+    /// Shared with the in-flight registry, which keys its entry by it.
+    pub receipt_handle: Arc<str>,
 }
 
 impl Ack {
@@ -84,22 +85,22 @@ impl Envelope {
             .map(str::to_owned);
         let message_id = redriven.or(message.message_id).unwrap_or_else(|| format!("receipt:{receipt_handle}"));
         let body = message.body.unwrap_or_default();
-        Some(Envelope { ack: Ack { message_id, receipt_handle }, body, sent_at, share: None })
+        Some(Envelope { ack: Ack { message_id, receipt_handle: receipt_handle.into() }, body, sent_at, share: None })
     }
 }
 
 /// Messages received and not yet deleted, keyed by receipt handle.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    held: Mutex<HashMap<String, Instant>>,
+    held: Mutex<HashMap<Arc<str>, Instant>>,
 }
 
 impl InFlight {
     /// Records newly received messages (their visibility clock starts now).
-    pub fn hold<'a>(&self, receipts: impl IntoIterator<Item = &'a str>) {
+    pub fn hold(&self, receipts: impl IntoIterator<Item = impl Into<Arc<str>>>) {
         let now = Instant::now();
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.extend(receipts.into_iter().map(|r| (r.to_owned(), now)));
+        held.extend(receipts.into_iter().map(|r| (r.into(), now)));
         metrics::gauge!(metrics::INFLIGHT_MESSAGES).set(held.len() as f64);
     }
 
@@ -114,7 +115,7 @@ impl InFlight {
 
     /// The receipt handles of every message held.
     pub fn receipts(&self) -> Vec<String> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).keys().map(|r| r.to_string()).collect()
     }
 
     /// Number of messages held.
@@ -131,7 +132,7 @@ impl InFlight {
     fn due(&self, older_than: Duration) -> Vec<String> {
         let now = Instant::now();
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.iter().filter(|(_, since)| now.duration_since(**since) >= older_than).map(|(r, _)| r.clone()).collect()
+        held.iter().filter(|(_, since)| now.duration_since(**since) >= older_than).map(|(r, _)| r.to_string()).collect()
     }
 
     /// Restarts the visibility clock of messages whose extension succeeded at `at`
@@ -216,15 +217,15 @@ pub async fn receive_loop<T, F, Fut>(
         let now = Utc::now();
         let mut batch: Vec<Envelope> = messages.into_iter().filter_map(|m| Envelope::from_message(m, now)).collect();
         metrics::counter!(metrics::MESSAGES_RECEIVED).increment(batch.len() as u64);
-        in_flight.hold(batch.iter().map(|e| e.ack.receipt_handle.as_str()));
+        in_flight.hold(batch.iter().map(|e| e.ack.receipt_handle.clone()));
         let sizes: Vec<usize> = batch.iter().map(|e| e.body.len()).collect();
         let shares = budget.shares_for(reservation, sizes).await;
         for (envelope, share) in batch.iter_mut().zip(shares) {
             envelope.share = Some(share);
         }
-        let receipts: Vec<String> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
+        let receipts: Vec<Arc<str>> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
         let Some(processed) = process(batch).await else {
-            in_flight.release(receipts.iter().map(String::as_str));
+            in_flight.release(receipts.iter().map(|r| &**r));
             continue;
         };
         let sent = tokio::select! {
@@ -233,7 +234,7 @@ pub async fn receive_loop<T, F, Fut>(
         };
         if !sent {
             // Never stored: the queue redelivers these once their visibility timeout ends.
-            in_flight.release(receipts.iter().map(String::as_str));
+            in_flight.release(receipts.iter().map(|r| &**r));
             return;
         }
     }
