@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
 use loginflow::config::SqsArgs;
 
 #[tokio::main]
@@ -39,17 +39,21 @@ async fn main() {
             let (client, queue_url, done) = (client.clone(), queue_url.clone(), done.clone());
             tokio::spawn(async move {
                 while done.load(Ordering::Relaxed) < expected {
-                    let Ok(out) = client
+                    let mut receive = client
                         .receive_message()
                         .queue_url(&queue_url)
                         .max_number_of_messages(10)
                         .wait_time_seconds(1)
-                        .set_visibility_timeout(receive_only.then_some(600))
                         // What any consumer of these events needs: the event time lives only here.
-                        .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp)
-                        .send()
-                        .await
-                    else {
+                        .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp);
+                    if receive_only {
+                        // The ceiling asks for what loginflow's receives ask for.
+                        receive = receive
+                            .visibility_timeout(600)
+                            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                            .message_attribute_names(loginflow::redrive::ORIGINAL_ID_ATTRIBUTE);
+                    }
+                    let Ok(out) = receive.send().await else {
                         continue;
                     };
                     let messages = out.messages.unwrap_or_default();

@@ -34,16 +34,21 @@ const CATCH_UP_CONCURRENCY: usize = 8;
 /// Acks waiting from which deletes run at [`CATCH_UP_CONCURRENCY`].
 const CATCH_UP_PENDING: usize = 30_000;
 /// How long an ack may wait before deletes run at [`CATCH_UP_CONCURRENCY`]: a quarter of the
-/// visibility timeout, so committed messages are deleted before they are due for visibility
-/// extension (half the timeout after their receive); also a bound on what a crash leaves to
-/// redeliver (15 s of traffic with the default timeout, each a duplicate the unique index drops).
+/// visibility timeout (15 s by default), at most [`MAX_ACK_LAG`], so that while the deletes keep
+/// up, committed messages are deleted before they are due for visibility extension (half the
+/// timeout after their receive). Until their delete they stay held, so a slower catch-up only
+/// costs extension calls. What a crash leaves to redeliver (each a duplicate the unique index
+/// drops) is at most [`MAX_PENDING`] acks, the windows in the channel and the deletes in flight.
 pub(super) fn max_ack_lag(visibility_timeout: Duration) -> Duration {
-    visibility_timeout / 4
+    (visibility_timeout / 4).min(MAX_ACK_LAG)
 }
+/// Longest an ack waits before deletes catch up, whatever the visibility timeout (up to 12 h).
+const MAX_ACK_LAG: Duration = Duration::from_secs(30);
 /// Most acks gathered before the stage stops taking more (the sink then waits on the channel).
 /// Each holds its message id and shares its receipt handle with the in-flight registry: with
 /// SQS's receipt handles (up to ~1 KiB) at most ~45 MiB, ~10 MiB against LocalStack's (measured:
-/// RSS 33 MiB draining 40 000). Also well below SQS's 120 000 in-flight messages per queue.
+/// RSS 33 MiB draining 40 000). They count as in flight on the queue (SQS allows ~120 000 per
+/// queue; at that limit its long polls return nothing until deletes bring the count down).
 const MAX_PENDING: usize = 40_000;
 
 /// A stored message: deleted, then remembered as committed by the dedup cache.

@@ -129,10 +129,10 @@ impl InFlight {
     }
 
     /// Receipts whose visibility was last set more than `older_than` ago.
-    fn due(&self, older_than: Duration) -> Vec<String> {
+    fn due(&self, older_than: Duration) -> Vec<Arc<str>> {
         let now = Instant::now();
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.iter().filter(|(_, since)| now.duration_since(**since) >= older_than).map(|(r, _)| r.to_string()).collect()
+        held.iter().filter(|(_, since)| now.duration_since(**since) >= older_than).map(|(r, _)| r.clone()).collect()
     }
 
     /// Restarts the visibility clock of messages whose extension succeeded at `at`
@@ -272,7 +272,7 @@ pub async fn extend_visibility(
                 next = round.next() => next,
             };
             let Some((started, extended)) = next else { break };
-            in_flight.extended(extended.iter().map(String::as_str), started);
+            in_flight.extended(extended.iter().map(|r| r.as_ref()), started);
         }
     }
 }
@@ -288,19 +288,24 @@ pub async fn release_for_redelivery(client: &Client, queue_url: &str, receipts: 
 }
 
 /// One ChangeMessageVisibilityBatch call; returns when it started and the receipts it changed.
-async fn change_visibility(client: &Client, queue_url: &str, chunk: &[String], seconds: i32) -> (Instant, Vec<String>) {
+async fn change_visibility<R: AsRef<str> + Clone>(
+    client: &Client,
+    queue_url: &str,
+    chunk: &[R],
+    seconds: i32,
+) -> (Instant, Vec<R>) {
     let started = Instant::now();
     let entries = chunk.iter().enumerate().filter_map(|(i, receipt)| {
         ChangeMessageVisibilityBatchRequestEntry::builder()
             .id(i.to_string())
-            .receipt_handle(receipt)
+            .receipt_handle(receipt.as_ref())
             .visibility_timeout(seconds)
             .build()
             .ok()
     });
     let result =
         client.change_message_visibility_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await;
-    let changed: Vec<String> = match result {
+    let changed: Vec<R> = match result {
         Ok(out) => {
             // A failed entry is usually a message deleted meanwhile; a held one is retried next round.
             let failed: Vec<&str> = out.failed.iter().map(|f| f.id.as_str()).collect();
@@ -360,14 +365,17 @@ mod tests {
             Some(&metrics_util::debugging::DebugValue::Gauge(2.0.into()))
         );
         assert_eq!(in_flight.len(), 2);
-        assert_eq!(in_flight.due(Duration::from_secs(60)), Vec::<String>::new());
-        let mut due = in_flight.due(Duration::ZERO);
-        due.sort();
-        assert_eq!(due, ["a", "b"]);
+        let due = |older_than| {
+            let mut due: Vec<String> = in_flight.due(older_than).iter().map(|r| r.to_string()).collect();
+            due.sort();
+            due
+        };
+        assert_eq!(due(Duration::from_secs(60)), Vec::<String>::new());
+        assert_eq!(due(Duration::ZERO), ["a", "b"]);
         // Only a successful extension restarts the clock: "b" failed and stays due.
         std::thread::sleep(Duration::from_millis(30));
         in_flight.extended(["a"], Instant::now());
-        assert_eq!(in_flight.due(Duration::from_millis(20)), ["b"]);
+        assert_eq!(due(Duration::from_millis(20)), ["b"]);
         in_flight.release(["a", "b"]);
         assert!(in_flight.is_empty());
     }
