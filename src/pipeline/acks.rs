@@ -5,8 +5,8 @@
 //!
 //! Deletes yield to receives: one call at a time while fewer than [`CATCH_UP_PENDING`] acks
 //! wait and none has waited [`max_ack_lag`], so during a backlog the queue service spends itself
-//! on receives and rows land sooner; past either, or once the source stops (shutdown),
-//! [`CATCH_UP_CONCURRENCY`] calls catch up. A committed message whose delete is late is at worst
+//! on receives and rows land sooner; past either, once a receive comes back empty (the backlog
+//! is taken), or once the source stops (shutdown), [`CATCH_UP_CONCURRENCY`] calls catch up. A committed message whose delete is late is at worst
 //! redelivered (a crash), and then dropped as a duplicate by the unique index.
 
 use std::collections::VecDeque;
@@ -62,7 +62,7 @@ pub(super) struct Stored {
 
 impl Stages {
     /// Deletes what `committed` sends until it closes and every delete has ended; catches up
-    /// at full speed once `source_stopped` is cancelled.
+    /// at full speed once `source_stopped` is cancelled or the queue looks empty.
     pub(super) async fn acknowledge(
         self: Arc<Self>,
         mut committed: mpsc::Receiver<Vec<Stored>>,
@@ -79,7 +79,8 @@ impl Stages {
             let catch_up = pending.len() >= CATCH_UP_PENDING
                 || waited >= self.max_ack_lag
                 || !open
-                || source_stopped.is_cancelled();
+                || source_stopped.is_cancelled()
+                || self.in_flight.queue_looks_empty();
             let concurrency = match catch_up {
                 true => CATCH_UP_CONCURRENCY,
                 false => ACK_CONCURRENCY,

@@ -5,6 +5,7 @@ pub mod budget;
 pub mod envelope;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,13 +90,25 @@ impl Envelope {
     }
 }
 
-/// Messages received and not yet deleted, keyed by receipt handle.
+/// Messages received and not yet deleted, keyed by receipt handle; and whether the last
+/// receive came back empty.
 #[derive(Debug, Default)]
 pub struct InFlight {
     held: Mutex<HashMap<Arc<str>, Instant>>,
+    queue_empty: AtomicBool,
 }
 
 impl InFlight {
+    /// Whether the last receive (of any poller) came back empty: no backlog for deletes to
+    /// yield to.
+    pub fn queue_looks_empty(&self) -> bool {
+        self.queue_empty.load(Ordering::Relaxed)
+    }
+
+    fn received(&self, messages: usize) {
+        self.queue_empty.store(messages == 0, Ordering::Relaxed);
+    }
+
     /// Records newly received messages (their visibility clock starts now).
     pub fn hold(&self, receipts: impl IntoIterator<Item = impl Into<Arc<str>>>) {
         let now = Instant::now();
@@ -211,6 +224,7 @@ pub async fn receive_loop<T, F, Fut>(
                 }
             }
         };
+        in_flight.received(messages.len());
         if messages.is_empty() {
             continue;
         }
@@ -378,5 +392,11 @@ mod tests {
         assert_eq!(due(Duration::from_millis(20)), ["b"]);
         in_flight.release(["a", "b"]);
         assert!(in_flight.is_empty());
+        // Only the last receive counts: an empty one means no backlog for deletes to yield to.
+        assert!(!in_flight.queue_looks_empty());
+        in_flight.received(0);
+        assert!(in_flight.queue_looks_empty());
+        in_flight.received(10);
+        assert!(!in_flight.queue_looks_empty());
     }
 }
