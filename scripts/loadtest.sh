@@ -49,11 +49,18 @@ pct() { awk "BEGIN { printf \"%.0f\", 100 * $1 / $2 }"; }
 # The emulator drifts over a long run (whichever phase comes later is slower), so with both A and B
 # the bare client runs before and after loginflow, and B is compared with the mean of the two.
 # The queue service's own CPU (user + system of LocalStack and its threads), in seconds.
+# "n/a" when this script did not start it (services.sh reuses a running endpoint without a pid file).
 service_cpu() {
-  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$(cat "$LOGINFLOW_STATE/sqs.pid")/stat"
+  local pid
+  pid=$(cat "$LOGINFLOW_STATE/sqs.pid" 2>/dev/null) && [ -r "/proc/$pid/stat" ] || { echo n/a; return; }
+  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$pid/stat"
 }
 # ... per message of a phase that started at CPU $1 (microseconds).
-service_us_per_message() { calc "($(service_cpu) - $1) * 1e6 / $N"; }
+service_us_per_message() {
+  local now
+  now=$(service_cpu)
+  if [ "$1" = n/a ] || [ "$now" = n/a ]; then echo n/a; else printf '%.1f' "$(calc "($now - $1) * 1e6 / $N")"; fi
+}
 bare_rates=()
 bare_service_cpu=()
 bare_client() {
@@ -114,7 +121,7 @@ if has B; then
   row '| B. loginflow: queue empty and process exited | %.0f msg/s | |' "$empty_rate"
   row '| B. loginflow peak RSS (one process) | %.1f MiB | <= 64 MiB |' "$(calc "$rss_kib / 1024")"
   row '| B. loginflow CPU per message (user + system, whole process) | %s µs | |' "$flow_cpu"
-  row '| B. the queue service'"'"'s CPU per message during B | %.1f µs | |' "$flow_service_cpu"
+  row '| B. the queue service'"'"'s CPU per message during B | %s µs | |' "$flow_service_cpu"
   echo "summary of B (process 1): $(tr -d '\n ' <"$OUT/summary-1.json")"
 fi
 
@@ -125,7 +132,7 @@ if has A; then
     "$(printf '%.0f ' "${bare_rates[@]}" | sed 's/ $//; s/ / and /')"
   bare_cpu_mean=$(printf '%s\n' "${bare_cpu[@]}" | awk '{ sum += $1 } END { printf "%.1f", sum / NR }')
   row '| A. bare SDK client CPU per message | %s µs (runs: %s) | |' "$bare_cpu_mean" "$(printf '%s ' "${bare_cpu[@]}" | sed 's/ $//; s/ / and /')"
-  row '| A. the queue service'"'"'s CPU per message during A | %s µs | |' "$(printf '%.1f ' "${bare_service_cpu[@]}" | sed 's/ $//; s/ / and /')"
+  row '| A. the queue service'"'"'s CPU per message during A | %s µs | |' "$(printf '%s ' "${bare_service_cpu[@]}" | sed 's/ $//; s/ / and /')"
   if [ -n "${flow_rate:-}" ]; then
     row '| B / A (rows visible) | %s%% | >= 90%%; goal 135%% |' "$(pct "$flow_rate" "$bare_rate")"
     row '| B CPU / A CPU per message | %s | <= 1.2 |' "$(calc "$flow_cpu / $bare_cpu_mean")"

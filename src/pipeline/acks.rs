@@ -5,8 +5,9 @@
 //!
 //! Deletes yield to receives: one call at a time while fewer than [`CATCH_UP_PENDING`] acks
 //! wait and none has waited [`max_ack_lag`], so during a backlog the queue service spends itself
-//! on receives and rows land sooner; past either, once a receive comes back empty (the backlog
-//! is taken), or once the source stops (shutdown), [`CATCH_UP_CONCURRENCY`] calls catch up. A committed message whose delete is late is at worst
+//! on receives and rows land sooner; past either, once a receive comes back short of a full
+//! batch (the backlog is taken), or once the source stops (shutdown), [`CATCH_UP_CONCURRENCY`]
+//! calls catch up. A committed message whose delete is late is at worst
 //! redelivered (a crash), and then dropped as a duplicate by the unique index.
 
 use std::collections::VecDeque;
@@ -62,7 +63,7 @@ pub(super) struct Stored {
 
 impl Stages {
     /// Deletes what `committed` sends until it closes and every delete has ended; catches up
-    /// at full speed once `source_stopped` is cancelled or the queue looks empty.
+    /// at full speed once `source_stopped` is cancelled or the backlog is taken.
     pub(super) async fn acknowledge(
         self: Arc<Self>,
         mut committed: mpsc::Receiver<Vec<Stored>>,
@@ -80,7 +81,7 @@ impl Stages {
                 || waited >= self.max_ack_lag
                 || !open
                 || source_stopped.is_cancelled()
-                || self.in_flight.queue_looks_empty();
+                || self.in_flight.backlog_taken();
             let concurrency = match catch_up {
                 true => CATCH_UP_CONCURRENCY,
                 false => ACK_CONCURRENCY,
@@ -121,5 +122,17 @@ impl Stages {
         self.in_flight.release(acks.iter().map(Ack::receipt));
         Stats::add(&self.stats.deleted, deleted.succeeded);
         Stats::add(&self.stats.delete_failures, deleted.gave_up);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_wait_a_quarter_of_the_visibility_timeout_and_never_more_than_30_s() {
+        assert_eq!(max_ack_lag(Duration::from_secs(60)), Duration::from_secs(15));
+        assert_eq!(max_ack_lag(Duration::from_secs(3)), Duration::from_millis(750));
+        assert_eq!(max_ack_lag(Duration::from_secs(43_200)), MAX_ACK_LAG);
     }
 }

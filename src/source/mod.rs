@@ -91,22 +91,23 @@ impl Envelope {
 }
 
 /// Messages received and not yet deleted, keyed by receipt handle; and whether the last
-/// receive came back empty.
+/// receive came back short of a full batch.
 #[derive(Debug, Default)]
 pub struct InFlight {
     held: Mutex<HashMap<Arc<str>, Instant>>,
-    queue_empty: AtomicBool,
+    backlog_taken: AtomicBool,
 }
 
 impl InFlight {
-    /// Whether the last receive (of any poller) came back empty: no backlog for deletes to
-    /// yield to.
-    pub fn queue_looks_empty(&self) -> bool {
-        self.queue_empty.load(Ordering::Relaxed)
+    /// Whether the last receive (of any poller) came back with fewer than [`SQS_BATCH_LIMIT`]
+    /// messages: the queue had no more to give, so there is no backlog for deletes to yield to.
+    /// (An empty receive comes back only after a whole long poll, too late to be the signal.)
+    pub fn backlog_taken(&self) -> bool {
+        self.backlog_taken.load(Ordering::Relaxed)
     }
 
     fn received(&self, messages: usize) {
-        self.queue_empty.store(messages == 0, Ordering::Relaxed);
+        self.backlog_taken.store(messages < SQS_BATCH_LIMIT, Ordering::Relaxed);
     }
 
     /// Records newly received messages (their visibility clock starts now).
@@ -392,11 +393,13 @@ mod tests {
         assert_eq!(due(Duration::from_millis(20)), ["b"]);
         in_flight.release(["a", "b"]);
         assert!(in_flight.is_empty());
-        // Only the last receive counts: an empty one means no backlog for deletes to yield to.
-        assert!(!in_flight.queue_looks_empty());
+        // Only the last receive counts: a short one means no backlog for deletes to yield to.
+        assert!(!in_flight.backlog_taken());
+        in_flight.received(3);
+        assert!(in_flight.backlog_taken());
+        in_flight.received(SQS_BATCH_LIMIT);
+        assert!(!in_flight.backlog_taken());
         in_flight.received(0);
-        assert!(in_flight.queue_looks_empty());
-        in_flight.received(10);
-        assert!(!in_flight.queue_looks_empty());
+        assert!(in_flight.backlog_taken());
     }
 }
