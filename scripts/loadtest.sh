@@ -46,8 +46,6 @@ results=()
 row() { results+=("$(printf "$@")"); }
 pct() { awk "BEGIN { printf \"%.0f\", 100 * $1 / $2 }"; }
 
-# The emulator drifts over a long run (whichever phase comes later is slower), so with both A and B
-# the bare client runs before and after loginflow, and B is compared with the mean of the two.
 # The queue service's own CPU (user + system of LocalStack and its threads), in seconds.
 # "n/a" when this script did not start it (services.sh reuses a running endpoint without a pid file).
 service_cpu() {
@@ -61,13 +59,15 @@ service_us_per_message() {
   now=$(service_cpu)
   if [ "$1" = n/a ] || [ "$now" = n/a ]; then echo n/a; else printf '%.1f' "$(calc "($now - $1) * 1e6 / $N")"; fi
 }
+
+# The emulator drifts over a long run (whichever phase comes later is slower), so with both A and B
+# the bare client runs before and after loginflow, and B is compared with the mean of the two.
 bare_rates=()
 bare_service_cpu=()
 bare_client() {
   echo "[loadtest] A. bare SDK client: $N messages, $POLLERS pollers ($1)"
-  local queue rate
+  local queue rate cpu_before
   queue=$(seed "lt-bare-$1-$run_id" "$N")
-  local cpu_before
   cpu_before=$(service_cpu)
   # Not a process substitution: /usr/bin/time writes its file only after the client exits.
   /usr/bin/time -v -o "$OUT/time-bare-$1.txt" target/release/examples/bare_sqs_client "$queue" "$N" "$POLLERS" \
