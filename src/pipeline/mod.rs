@@ -179,8 +179,8 @@ impl Window {
         window
     }
 
-    fn receipts(&self) -> impl Iterator<Item = &str> {
-        self.acks.iter().map(Ack::receipt)
+    fn receipts(&self) -> Vec<Arc<str>> {
+        self.acks.iter().map(|ack| ack.receipt_handle.clone()).collect()
     }
 }
 
@@ -245,7 +245,7 @@ impl Stages {
         let window = Window::split(items);
         let Some(written) = self.write_with_retry(&window).await else {
             drop(connection);
-            self.abandon(window.receipts().map(str::to_owned).collect()).await;
+            self.abandon(window.receipts()).await;
             return;
         };
         self.record_commit(&window, &written, started);
@@ -256,7 +256,7 @@ impl Stages {
         let mut released = Vec::new();
         for (ack, fingerprint) in window.acks.into_iter().zip(window.fingerprints) {
             if unstorable.contains(ack.message_id.as_str()) {
-                released.push(ack.receipt_handle.to_string());
+                released.push(ack.receipt_handle);
             } else {
                 stored.push(Stored { ack, fingerprint, committed_at });
             }
@@ -268,7 +268,7 @@ impl Stages {
             metrics::error("sink", "gave_up");
             metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "unstorable").increment(released.len() as u64);
             Stats::add(&self.stats.released, released.len() as u64);
-            self.in_flight.release(released.iter().map(String::as_str));
+            self.in_flight.release(&released);
             tokio::select! {
                 () = source::release_for_redelivery(&self.sqs, &self.queue_url, &released) => {}
                 () = self.abort.cancelled() => {}
@@ -279,10 +279,10 @@ impl Stages {
     /// Leaves messages for redelivery after shutdown's grace period: counted as abandoned and
     /// made visible again at once (best effort, bounded), so the next run need not wait out
     /// their visibility timeout.
-    async fn abandon(&self, receipts: Vec<String>) {
+    async fn abandon(&self, receipts: Vec<Arc<str>>) {
         Stats::add(&self.stats.abandoned, receipts.len() as u64);
         metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "shutdown").increment(receipts.len() as u64);
-        self.in_flight.release(receipts.iter().map(String::as_str));
+        self.in_flight.release(&receipts);
         let release = source::release_for_redelivery(&self.sqs, &self.queue_url, &receipts);
         let _ = tokio::time::timeout(TASKS_WAIT, release).await;
     }

@@ -119,17 +119,17 @@ impl InFlight {
     }
 
     /// Forgets messages that were deleted, or that will be redelivered.
-    pub fn release<'a>(&self, receipts: impl IntoIterator<Item = &'a str>) {
+    pub fn release(&self, receipts: impl IntoIterator<Item = impl AsRef<str>>) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         for receipt in receipts {
-            held.remove(receipt);
+            held.remove(receipt.as_ref());
         }
         metrics::gauge!(metrics::INFLIGHT_MESSAGES).set(held.len() as f64);
     }
 
     /// The receipt handles of every message held.
-    pub fn receipts(&self) -> Vec<String> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).keys().map(|r| r.to_string()).collect()
+    pub fn receipts(&self) -> Vec<Arc<str>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
     }
 
     /// Number of messages held.
@@ -151,10 +151,10 @@ impl InFlight {
 
     /// Restarts the visibility clock of messages whose extension succeeded at `at`
     /// (only those still held: a message deleted meanwhile stays forgotten).
-    fn extended<'a>(&self, receipts: impl IntoIterator<Item = &'a str>, at: Instant) {
+    fn extended(&self, receipts: impl IntoIterator<Item = impl AsRef<str>>, at: Instant) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         for receipt in receipts {
-            if let Some(since) = held.get_mut(receipt) {
+            if let Some(since) = held.get_mut(receipt.as_ref()) {
                 *since = at;
             }
         }
@@ -240,7 +240,7 @@ pub async fn receive_loop<T, F, Fut>(
         }
         let receipts: Vec<Arc<str>> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
         let Some(processed) = process(batch).await else {
-            in_flight.release(receipts.iter().map(|r| &**r));
+            in_flight.release(&receipts);
             continue;
         };
         let sent = tokio::select! {
@@ -249,7 +249,7 @@ pub async fn receive_loop<T, F, Fut>(
         };
         if !sent {
             // Never stored: the queue redelivers these once their visibility timeout ends.
-            in_flight.release(receipts.iter().map(|r| &**r));
+            in_flight.release(&receipts);
             return;
         }
     }
@@ -287,7 +287,7 @@ pub async fn extend_visibility(
                 next = round.next() => next,
             };
             let Some((started, extended)) = next else { break };
-            in_flight.extended(extended.iter().map(|r| r.as_ref()), started);
+            in_flight.extended(&extended, started);
         }
     }
 }
@@ -295,7 +295,7 @@ pub async fn extend_visibility(
 /// Makes messages visible again at once, so the queue redelivers them (and, past the redrive
 /// policy's receive count, moves them to the dead-letter queue). Best effort: a message whose
 /// call fails comes back when its visibility timeout ends anyway.
-pub async fn release_for_redelivery(client: &Client, queue_url: &str, receipts: &[String]) {
+pub async fn release_for_redelivery(client: &Client, queue_url: &str, receipts: &[Arc<str>]) {
     let calls: Vec<_> =
         receipts.chunks(SQS_BATCH_LIMIT).map(|chunk| change_visibility(client, queue_url, chunk, 0)).collect();
     let mut calls = stream::iter(calls).buffer_unordered(EXTENSION_CONCURRENCY);
@@ -303,24 +303,24 @@ pub async fn release_for_redelivery(client: &Client, queue_url: &str, receipts: 
 }
 
 /// One ChangeMessageVisibilityBatch call; returns when it started and the receipts it changed.
-async fn change_visibility<R: AsRef<str> + Clone>(
+async fn change_visibility(
     client: &Client,
     queue_url: &str,
-    chunk: &[R],
+    chunk: &[Arc<str>],
     seconds: i32,
-) -> (Instant, Vec<R>) {
+) -> (Instant, Vec<Arc<str>>) {
     let started = Instant::now();
     let entries = chunk.iter().enumerate().filter_map(|(i, receipt)| {
         ChangeMessageVisibilityBatchRequestEntry::builder()
             .id(i.to_string())
-            .receipt_handle(receipt.as_ref())
+            .receipt_handle(&**receipt)
             .visibility_timeout(seconds)
             .build()
             .ok()
     });
     let result =
         client.change_message_visibility_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await;
-    let changed: Vec<R> = match result {
+    let changed: Vec<Arc<str>> = match result {
         Ok(out) => {
             // A failed entry is usually a message deleted meanwhile; a held one is retried next round.
             let failed: Vec<&str> = out.failed.iter().map(|f| f.id.as_str()).collect();
