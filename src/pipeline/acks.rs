@@ -118,7 +118,7 @@ impl Stages {
             deleted = ack::delete_all(&self.sqs, &self.queue_url, &acks, self.max_backoff) => deleted,
             () = self.abort.cancelled() => ack::Deleted { succeeded: 0, gave_up: acks.len() as u64 },
         };
-        self.transform.dedup.mark_committed(fingerprints.into_iter().flatten()).await;
+        self.transform.dedup.mark_committed(fingerprints.into_iter().flatten());
         self.in_flight.release(acks.iter().map(Ack::receipt));
         Stats::add(&self.stats.deleted, deleted.succeeded);
         Stats::add(&self.stats.delete_failures, deleted.gave_up);

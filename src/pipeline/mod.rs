@@ -588,7 +588,7 @@ mod tests {
     async fn process_sorts_messages_into_rows_quarantine_and_duplicates_in_order() {
         let stages = stages().await;
         let dedup = &stages.transform.dedup;
-        dedup.mark_committed([dedup.fingerprint("m-3")]).await;
+        dedup.mark_committed([dedup.fingerprint("m-3")]);
         let batch = vec![envelope("m-1", VALID), envelope("m-2", "{oops"), envelope("m-3", VALID)];
         let mut items = Vec::new();
         let series = capture(|| items = stages.process(batch));

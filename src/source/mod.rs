@@ -94,7 +94,9 @@ impl Envelope {
 /// receive came back short of a full batch.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    held: Mutex<HashMap<Arc<str>, Instant>>,
+    // foldhash, not SipHash: every message's handle (hundreds of bytes) is hashed on hold and
+    // on release, and the handles come from SQS, not from whoever sends messages.
+    held: Mutex<HashMap<Arc<str>, Instant, foldhash::fast::RandomState>>,
     backlog_taken: AtomicBool,
 }
 
