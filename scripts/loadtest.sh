@@ -8,7 +8,10 @@
 #      SentTimestamp -> commit (pg_xact_commit_timestamp; services.sh turns track_commit_timestamp on)
 #   D. psql \copy of B's rows into a fresh user_logins vs loginflow's sink writing the same rows
 # Settings: N (200000), POLLERS (4, loginflow's default), LATENCY_RATE (1000), LATENCY_SECS (20),
-#           REPLICAS (1: loginflow processes in B), PHASES (ARBCD: which of the above to run).
+#           REPLICAS (1: loginflow processes in B), PHASES (ARBCD: which of the above to run),
+#           PIN (1 on a machine of 2 or more cores: LocalStack and PostgreSQL on CPU 0, the measured clients and this
+#           script on CPU 1, so a client's CPU time is not inflated by preemption and context switches to the
+#           services; 0: no pinning).
 # Any loginflow setting (BATCH_MAX_ROWS, POLLERS, ...) set in the environment applies to B, C and D.
 # Results: printed, and written to target/loadtest/results.md.
 set -euo pipefail
@@ -23,6 +26,16 @@ source scripts/services.sh
 trap services_down EXIT
 services_up
 ADMIN_URL=$DATABASE_URL
+PIN=${PIN:-$([ "$(nproc)" -ge 2 ] && echo 1 || echo 0)}
+if [ "$PIN" = 1 ]; then
+  sqs_pid=$(cat "$LOGINFLOW_STATE/sqs.pid" 2>/dev/null) && [ -d "/proc/$sqs_pid" ] ||
+    { echo "PIN=1 needs the LocalStack this script starts (stop the running one, or set PIN=0)"; exit 1; }
+  pg_pid=$(head -n 1 "$PG_DIR/data/postmaster.pid")
+  # -a: every thread; PostgreSQL's running processes too (backends forked later inherit the postmaster's CPU).
+  for pid in "$sqs_pid" "$pg_pid" $(pgrep -P "$pg_pid"); do taskset -a -cp 0 "$pid" >/dev/null; done
+  taskset -cp 1 $$ >/dev/null
+  echo "[loadtest] pinned: LocalStack and PostgreSQL on CPU 0, the clients and this script on CPU 1"
+fi
 OUT=target/loadtest
 mkdir -p "$OUT"
 echo "[loadtest] building (release)"
@@ -82,6 +95,17 @@ bare_cpu=()
 cpu_us_per_message() {
   awk -F': ' -v n="$N" '/User time/ {u=$2} /System time/ {s=$2} END { printf "%.1f", (u + s) * 1e6 / n }' "$1"
 }
+# ... split into user and system (the system part swings most between runs: see BENCHMARKS.md).
+cpu_split() {
+  awk -F': ' -v n="$N" '/User time/ {u=$2} /System time/ {s=$2} END { printf "%.1f + %.1f", u * 1e6 / n, s * 1e6 / n }' "$1"
+}
+# A LocalStack just started answers slower for its first few thousand messages, and a slower service costs a
+# client more CPU per message (more wake-ups): the first phase would be measured at a disadvantage.
+if has A || has B; then
+  echo "[loadtest] warming the queue service up: 5000 messages, not measured"
+  warm_queue=$(seed "lt-warm-up-$run_id" 5000)
+  target/release/examples/bare_sqs_client "$warm_queue" 5000 "$POLLERS" >/dev/null
+fi
 has A && bare_client before
 
 if has R; then
@@ -120,7 +144,7 @@ if has B; then
     "$N" "$REPLICAS" "$flow_rate" "$flow_secs"
   row '| B. loginflow: queue empty and process exited | %.0f msg/s | |' "$empty_rate"
   row '| B. loginflow peak RSS (one process) | %.1f MiB | <= 64 MiB |' "$(calc "$rss_kib / 1024")"
-  row '| B. loginflow CPU per message (user + system, whole process) | %s µs | |' "$flow_cpu"
+  row '| B. loginflow CPU per message (user + system, whole process) | %s µs (%s) | |' "$flow_cpu" "$(cpu_split "$OUT/time-1.txt")"
   row '| B. the queue service'"'"'s CPU per message during B | %s µs | |' "$flow_service_cpu"
   echo "summary of B (process 1): $(tr -d '\n ' <"$OUT/summary-1.json")"
 fi
@@ -132,6 +156,7 @@ if has A; then
     "$(printf '%.0f ' "${bare_rates[@]}" | sed 's/ $//; s/ / and /')"
   bare_cpu_mean=$(printf '%s\n' "${bare_cpu[@]}" | awk '{ sum += $1 } END { printf "%.1f", sum / NR }')
   row '| A. bare SDK client CPU per message | %s µs (runs: %s) | |' "$bare_cpu_mean" "$(printf '%s ' "${bare_cpu[@]}" | sed 's/ $//; s/ / and /')"
+  row '| A. ... user + system | %s | |' "$(for f in "$OUT"/time-bare-{before,after}.txt; do printf '%s; ' "$(cpu_split "$f")"; done | sed 's/; $//')"
   row '| A. the queue service'"'"'s CPU per message during A | %s µs | |' "$(printf '%s ' "${bare_service_cpu[@]}" | sed 's/ $//; s/ / and /')"
   if [ -n "${flow_rate:-}" ]; then
     row '| B / A (rows visible) | %s%% | >= 90%%; goal 135%% |' "$(pct "$flow_rate" "$bare_rate")"
