@@ -103,7 +103,11 @@ fn stages(c: &mut Criterion) {
     let fingerprints: Vec<u128> = messages.iter().map(|e| transform.dedup.fingerprint(&e.ack.message_id)).collect();
     group.bench_function("dedup_commit", |b| {
         b.iter_batched(
-            || Dedup::new(MESSAGES / 2, Duration::from_secs(3600)),
+            || {
+                let full = Dedup::new(MESSAGES, Duration::from_secs(3600));
+                full.mark_committed((0..MESSAGES as u128).map(|i| i << 64));
+                full
+            },
             |dedup| {
                 fingerprints.chunks(WINDOW_ROWS).for_each(|window| dedup.mark_committed(window.iter().copied()));
                 dedup

@@ -9,9 +9,9 @@
 #   D. psql \copy of B's rows into a fresh user_logins vs loginflow's sink writing the same rows
 # Settings: N (200000), POLLERS (4, loginflow's default), LATENCY_RATE (1000), LATENCY_SECS (20),
 #           REPLICAS (1: loginflow processes in B), PHASES (ARBCD: which of the above to run),
-#           PIN (1 on a machine of 2 or more cores: LocalStack and PostgreSQL on CPU 0, the measured clients and this
-#           script on CPU 1, so a client's CPU time is not inflated by preemption and context switches to the
-#           services; 0: no pinning).
+#           PIN (1 on a machine of 2 or more cores: during A, R and B, LocalStack and PostgreSQL run on one CPU and
+#           the measured clients on another, so a client's CPU time is not inflated by preemption and context
+#           switches to the services; C and D run unpinned. 0: never pin).
 # Any loginflow setting (BATCH_MAX_ROWS, POLLERS, ...) set in the environment applies to B, C and D.
 # Results: printed, and written to target/loadtest/results.md.
 set -euo pipefail
@@ -26,21 +26,33 @@ source scripts/services.sh
 trap services_down EXIT
 services_up
 ADMIN_URL=$DATABASE_URL
-PIN=${PIN:-$([ "$(nproc)" -ge 2 ] && echo 1 || echo 0)}
-if [ "$PIN" = 1 ]; then
-  sqs_pid=$(cat "$LOGINFLOW_STATE/sqs.pid" 2>/dev/null) && [ -d "/proc/$sqs_pid" ] ||
-    { echo "PIN=1 needs the LocalStack this script starts (stop the running one, or set PIN=0)"; exit 1; }
-  pg_pid=$(head -n 1 "$PG_DIR/data/postmaster.pid")
-  # -a: every thread; PostgreSQL's running processes too (backends forked later inherit the postmaster's CPU).
-  for pid in "$sqs_pid" "$pg_pid" $(pgrep -P "$pg_pid"); do taskset -a -cp 0 "$pid" >/dev/null; done
-  taskset -cp 1 $$ >/dev/null
-  echo "[loadtest] pinned: LocalStack and PostgreSQL on CPU 0, the clients and this script on CPU 1"
-fi
 OUT=target/loadtest
 mkdir -p "$OUT"
 echo "[loadtest] building (release)"
 cargo build --release --quiet --bins --examples
 BIN=target/release/loginflow
+# The CPUs this script may use, one per line; PIN needs two of them.
+allowed_cpus=$(taskset -pc $$ | sed 's/.*: //')
+mapfile -t cpus < <(tr ',' '\n' <<<"$allowed_cpus" | awk -F- '{ for (i = $1; i <= (NF == 2 ? $2 : $1); i++) print i }')
+PIN=${PIN:-$([ "${#cpus[@]}" -ge 2 ] && echo 1 || echo 0)}
+# Moves LocalStack, PostgreSQL (its running processes; backends forked later inherit the postmaster's CPUs) and
+# this script with the clients it starts: `services-cpus client-cpus`. A thread or process that ends meanwhile
+# makes taskset fail for that one only.
+place() {
+  local pid
+  for pid in "$sqs_pid" "$pg_pid" $(pgrep -P "$pg_pid" || true); do taskset -a -cp "$1" "$pid" >/dev/null 2>&1 || true; done
+  taskset -cp "$2" $$ >/dev/null
+}
+pin() {
+  [ "$PIN" = 1 ] || return 0
+  sqs_pid=$(cat "$LOGINFLOW_STATE/sqs.pid" 2>/dev/null || true)
+  [ -n "$sqs_pid" ] && kill -0 "$sqs_pid" 2>/dev/null ||
+    { echo "PIN=1 needs the LocalStack this script starts (stop the running one, or set PIN=0)"; exit 1; }
+  pg_pid=$(head -n 1 "$PG_DIR/data/postmaster.pid")
+  place "${cpus[0]}" "${cpus[1]}"
+  echo "[loadtest] pinned for A, R and B: LocalStack and PostgreSQL on CPU ${cpus[0]}, the clients on CPU ${cpus[1]}"
+}
+unpin() { [ "$PIN" = 1 ] && place "$allowed_cpus" "$allowed_cpus" || true; }
 export MASK_KEY="loadtest-throwaway-key-0123456789abcdef" METRICS_ADDR=127.0.0.1:0 POLLERS
 run_id=$$
 
@@ -89,8 +101,10 @@ bare_client() {
   bare_rates+=("$rate")
   bare_service_cpu+=("$(service_us_per_message "$cpu_before")")
   bare_cpu+=("$(cpu_us_per_message "$OUT/time-bare-$1.txt")")
+  bare_cpu_split+=("$(cpu_split "$OUT/time-bare-$1.txt")")
 }
 bare_cpu=()
+bare_cpu_split=()
 # Whole-process CPU (user + system) per message, in microseconds, from /usr/bin/time -v.
 cpu_us_per_message() {
   awk -F': ' -v n="$N" '/User time/ {u=$2} /System time/ {s=$2} END { printf "%.1f", (u + s) * 1e6 / n }' "$1"
@@ -99,6 +113,7 @@ cpu_us_per_message() {
 cpu_split() {
   awk -F': ' -v n="$N" '/User time/ {u=$2} /System time/ {s=$2} END { printf "%.1f + %.1f", u * 1e6 / n, s * 1e6 / n }' "$1"
 }
+pin
 # A LocalStack just started answers slower for its first few thousand messages, and a slower service costs a
 # client more CPU per message (more wake-ups): the first phase would be measured at a disadvantage.
 if has A || has B; then
@@ -156,7 +171,7 @@ if has A; then
     "$(printf '%.0f ' "${bare_rates[@]}" | sed 's/ $//; s/ / and /')"
   bare_cpu_mean=$(printf '%s\n' "${bare_cpu[@]}" | awk '{ sum += $1 } END { printf "%.1f", sum / NR }')
   row '| A. bare SDK client CPU per message | %s µs (runs: %s) | |' "$bare_cpu_mean" "$(printf '%s ' "${bare_cpu[@]}" | sed 's/ $//; s/ / and /')"
-  row '| A. ... user + system | %s | |' "$(for f in "$OUT"/time-bare-{before,after}.txt; do printf '%s; ' "$(cpu_split "$f")"; done | sed 's/; $//')"
+  row '| A. ... user + system | %s | |' "$(printf '%s; ' "${bare_cpu_split[@]}" | sed 's/; $//')"
   row '| A. the queue service'"'"'s CPU per message during A | %s µs | |' "$(printf '%s ' "${bare_service_cpu[@]}" | sed 's/ $//; s/ / and /')"
   if [ -n "${flow_rate:-}" ]; then
     row '| B / A (rows visible) | %s%% | >= 90%%; goal 135%% |' "$(pct "$flow_rate" "$bare_rate")"
@@ -168,6 +183,7 @@ if [ -n "${receive_rate:-}" ]; then
     "$([ -n "${bare_rate:-}" ] && echo ", $(pct "$receive_rate" "$bare_rate")% of A")"
 fi
 
+unpin
 if has C; then
   echo "[loadtest] C. latency at $LATENCY_RATE msg/s for $LATENCY_SECS s"
   latency_n=$((LATENCY_RATE * LATENCY_SECS))

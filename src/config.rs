@@ -240,7 +240,7 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_209_600))]
     pub dedup_ttl_secs: u64,
 
-    /// Most entries the dedup cache holds (1..=10000000; about 300 bytes each, measured).
+    /// Most entries the dedup cache holds (1..=10000000; about 90 bytes each, measured).
     #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "100000",
           value_parser = count(1, 10_000_000))]
     pub dedup_capacity: usize,
