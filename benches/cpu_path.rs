@@ -16,7 +16,7 @@ use loginflow::decode::decode;
 use loginflow::dedup::Dedup;
 use loginflow::mask::{Masker, MessageMeta};
 use loginflow::pipeline::{Item, Transform};
-use loginflow::source::{Ack, Envelope};
+use loginflow::source::{Ack, Envelope, SQS_BATCH_LIMIT};
 use loginflow::vault::{DataKey, Vault};
 use secrecy::SecretString;
 
@@ -99,7 +99,7 @@ fn stages(c: &mut Criterion) {
     group.bench_function("dedup_hit", |b| {
         b.iter(|| hits.iter().filter(|id| transform.dedup.is_committed(transform.dedup.fingerprint(id))).count())
     });
-    // What the ack stage does after each commit: remember a window's ids (a full cache: the oldest go).
+    // What the ack stage does after each delete batch: remember its ids (a full cache: the oldest go).
     let fingerprints: Vec<u128> = messages.iter().map(|e| transform.dedup.fingerprint(&e.ack.message_id)).collect();
     group.bench_function("dedup_commit", |b| {
         b.iter_batched(
@@ -109,7 +109,7 @@ fn stages(c: &mut Criterion) {
                 full
             },
             |dedup| {
-                fingerprints.chunks(WINDOW_ROWS).for_each(|window| dedup.mark_committed(window.iter().copied()));
+                fingerprints.chunks(SQS_BATCH_LIMIT).for_each(|window| dedup.mark_committed(window.iter().copied()));
                 dedup
             },
             BatchSize::LargeInput,

@@ -22,8 +22,9 @@ LATENCY_RATE=${LATENCY_RATE:-1000}
 LATENCY_SECS=${LATENCY_SECS:-20}
 REPLICAS=${REPLICAS:-1}
 PHASES=${PHASES:-ARBCD}
+[[ $PHASES != *D* || $PHASES == *B* ]] || { echo "phase D needs the rows of phase B (PHASES=...BD)"; exit 1; }
 source scripts/services.sh
-trap services_down EXIT
+trap 'unpin 2>/dev/null || true; services_down' EXIT
 services_up
 ADMIN_URL=$DATABASE_URL
 OUT=target/loadtest
@@ -31,28 +32,38 @@ mkdir -p "$OUT"
 echo "[loadtest] building (release)"
 cargo build --release --quiet --bins --examples
 BIN=target/release/loginflow
-# The CPUs this script may use, one per line; PIN needs two of them.
-allowed_cpus=$(taskset -pc $$ | sed 's/.*: //')
+# The CPUs this script may use, one per line; PIN needs two of them (and uses only two).
+allowed_cpus=$(awk '/^Cpus_allowed_list/ { print $2 }' /proc/$$/status)
 mapfile -t cpus < <(tr ',' '\n' <<<"$allowed_cpus" | awk -F- '{ for (i = $1; i <= (NF == 2 ? $2 : $1); i++) print i }')
 PIN=${PIN:-$([ "${#cpus[@]}" -ge 2 ] && echo 1 || echo 0)}
 # Moves LocalStack, PostgreSQL (its running processes; backends forked later inherit the postmaster's CPUs) and
-# this script with the clients it starts: `services-cpus client-cpus`. A thread or process that ends meanwhile
-# makes taskset fail for that one only.
+# this script with the clients it starts: `services-cpus client-cpus`. Thread by thread: `taskset -a` gives up
+# on the rest of a process when one of its threads has ended meanwhile.
 place() {
-  local pid
-  for pid in "$sqs_pid" "$pg_pid" $(pgrep -P "$pg_pid" || true); do taskset -a -cp "$1" "$pid" >/dev/null 2>&1 || true; done
+  local pid thread
+  for pid in "$sqs_pid" "$pg_pid" $(pgrep -P "$pg_pid" || true); do
+    for thread in /proc/"$pid"/task/*; do taskset -cp "$1" "${thread##*/}" >/dev/null 2>&1 || true; done
+  done
   taskset -cp "$2" $$ >/dev/null
 }
+pinned=0
 pin() {
   [ "$PIN" = 1 ] || return 0
+  [ "${#cpus[@]}" -ge 2 ] || { echo "PIN=1 needs 2 CPUs; this script may use $allowed_cpus"; exit 1; }
   sqs_pid=$(cat "$LOGINFLOW_STATE/sqs.pid" 2>/dev/null || true)
   [ -n "$sqs_pid" ] && kill -0 "$sqs_pid" 2>/dev/null ||
     { echo "PIN=1 needs the LocalStack this script starts (stop the running one, or set PIN=0)"; exit 1; }
-  pg_pid=$(head -n 1 "$PG_DIR/data/postmaster.pid")
+  pg_pid=$(head -n 1 "$PG_DIR/data/postmaster.pid" 2>/dev/null) ||
+    { echo "PIN=1 needs the PostgreSQL this script starts in $PG_DIR (stop the running one, or set PIN=0)"; exit 1; }
   place "${cpus[0]}" "${cpus[1]}"
+  pinned=1
   echo "[loadtest] pinned for A, R and B: LocalStack and PostgreSQL on CPU ${cpus[0]}, the clients on CPU ${cpus[1]}"
 }
-unpin() { [ "$PIN" = 1 ] && place "$allowed_cpus" "$allowed_cpus" || true; }
+unpin() {
+  [ "${pinned:-0}" = 1 ] || return 0
+  place "$allowed_cpus" "$allowed_cpus"
+  pinned=0
+}
 export MASK_KEY="loadtest-throwaway-key-0123456789abcdef" METRICS_ADDR=127.0.0.1:0 POLLERS
 run_id=$$
 
@@ -113,10 +124,10 @@ cpu_us_per_message() {
 cpu_split() {
   awk -F': ' -v n="$N" '/User time/ {u=$2} /System time/ {s=$2} END { printf "%.1f + %.1f", u * 1e6 / n, s * 1e6 / n }' "$1"
 }
-pin
 # A LocalStack just started answers slower for its first few thousand messages, and a slower service costs a
 # client more CPU per message (more wake-ups): the first phase would be measured at a disadvantage.
-if has A || has B; then
+if has A || has R || has B; then
+  pin
   echo "[loadtest] warming the queue service up: 5000 messages, not measured"
   warm_queue=$(seed "lt-warm-up-$run_id" 5000)
   target/release/examples/bare_sqs_client "$warm_queue" 5000 "$POLLERS" >/dev/null
@@ -205,7 +216,6 @@ if has C; then
 fi
 
 if has D; then
-  [ -n "${flow_db:-}" ] || { echo "phase D needs the rows of phase B"; exit 1; }
   echo "[loadtest] D. psql \\copy vs loginflow's sink, same rows, same table"
   csv=$(realpath "$OUT")/rows.csv
   psql -q "$flow_db" -c "\\copy (SELECT message_id, user_id, device_type, masked_ip, masked_device_id, locale, app_version, app_version_text, to_json(sent_at) #>> '{}', create_date FROM user_logins) TO '$csv' CSV"
