@@ -109,7 +109,7 @@ fn stages(c: &mut Criterion) {
                 full
             },
             |dedup| {
-                fingerprints.chunks(SQS_BATCH_LIMIT).for_each(|window| dedup.mark_committed(window.iter().copied()));
+                fingerprints.chunks(SQS_BATCH_LIMIT).for_each(|batch| dedup.mark_committed(batch.iter().copied()));
                 dedup
             },
             BatchSize::LargeInput,

@@ -111,23 +111,23 @@ bare_client() {
   read -r _ _ rate <"$OUT/bare-$1.txt"
   bare_rates+=("$rate")
   bare_service_cpu+=("$(service_us_per_message "$cpu_before")")
-  bare_cpu+=("$(cpu_us_per_message "$OUT/time-bare-$1.txt")")
-  bare_cpu_split+=("$(cpu_split "$OUT/time-bare-$1.txt")")
+  local total user system
+  read -r total user system < <(cpu_per_message "$OUT/time-bare-$1.txt")
+  bare_cpu+=("$total")
+  bare_cpu_split+=("$user + $system")
 }
 bare_cpu=()
 bare_cpu_split=()
-# Whole-process CPU (user + system) per message, in microseconds, from /usr/bin/time -v.
-cpu_us_per_message() {
-  awk -F': ' -v n="$N" '/User time/ {u=$2} /System time/ {s=$2} END { printf "%.1f", (u + s) * 1e6 / n }' "$1"
+# Whole-process CPU per message, in microseconds, from /usr/bin/time -v: "total user system" (user and system
+# apart because the system part swings most between runs: see BENCHMARKS.md).
+cpu_per_message() {
+  awk -F': ' -v n="$N" '/User time/ {u=$2} /System time/ {s=$2}
+    END { printf "%.1f %.1f %.1f\n", (u + s) * 1e6 / n, u * 1e6 / n, s * 1e6 / n }' "$1"
 }
-# ... split into user and system (the system part swings most between runs: see BENCHMARKS.md).
-cpu_split() {
-  awk -F': ' -v n="$N" '/User time/ {u=$2} /System time/ {s=$2} END { printf "%.1f + %.1f", u * 1e6 / n, s * 1e6 / n }' "$1"
-}
-# A LocalStack just started answers slower for its first few thousand messages, and a slower service costs a
-# client more CPU per message (more wake-ups): the first phase would be measured at a disadvantage.
 if has A || has R || has B; then
   pin
+  # A LocalStack just started answers slower for its first few thousand messages, and a slower service costs a
+  # client more CPU per message (more wake-ups): the first phase would be measured at a disadvantage.
   echo "[loadtest] warming the queue service up: 5000 messages, not measured"
   warm_queue=$(seed "lt-warm-up-$run_id" 5000)
   target/release/examples/bare_sqs_client "$warm_queue" 5000 "$POLLERS" >/dev/null
@@ -165,12 +165,12 @@ if has B; then
   flow_rate=$(calc "$N / $flow_secs")
   empty_rate=$(calc "$N / $(elapsed "$start" "$queue_empty")")
   rss_kib=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$OUT/time-1.txt")
-  flow_cpu=$(cpu_us_per_message "$OUT/time-1.txt")
+  read -r flow_cpu flow_user flow_system < <(cpu_per_message "$OUT/time-1.txt")
   row '| B. loginflow end to end, %s messages, %s process(es): rows visible | %.0f msg/s in %.1f s | >= 90%% of A |' \
     "$N" "$REPLICAS" "$flow_rate" "$flow_secs"
   row '| B. loginflow: queue empty and process exited | %.0f msg/s | |' "$empty_rate"
   row '| B. loginflow peak RSS (one process) | %.1f MiB | <= 64 MiB |' "$(calc "$rss_kib / 1024")"
-  row '| B. loginflow CPU per message (user + system, whole process) | %s µs (%s) | |' "$flow_cpu" "$(cpu_split "$OUT/time-1.txt")"
+  row '| B. loginflow CPU per message (user + system, whole process) | %s µs (%s + %s) | |' "$flow_cpu" "$flow_user" "$flow_system"
   row '| B. the queue service'"'"'s CPU per message during B | %s µs | |' "$flow_service_cpu"
   echo "summary of B (process 1): $(tr -d '\n ' <"$OUT/summary-1.json")"
 fi
