@@ -78,7 +78,8 @@ impl Dedup {
         u128::from_le_bytes(first)
     }
 
-    /// Whether a message with this fingerprint committed and is still remembered.
+    /// Whether a message with this fingerprint committed and is still remembered (an id past
+    /// its TTL still counts until the next commit forgets it: it did commit, so that is safe).
     pub fn is_committed(&self, fingerprint: Fingerprint) -> bool {
         self.lock().fingerprints.contains(&fingerprint)
     }
