@@ -8,16 +8,21 @@ use tokio_util::sync::CancellationToken;
 use crate::source::InFlight;
 use crate::sqs;
 
-/// How often the queue's depth is read (for the gauge), and how often `--drain` checks it.
+/// How often the queue's depth is read (for the gauge), and how often `--drain` checks it
+/// (besides at once when the last held message is deleted).
 const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
-/// How many empty checks in a row `--drain` needs before it stops.
+/// How many empty checks in a row `--drain` needs before it stops, and the pause before each
+/// confirming one: the queue's counts are approximate, so one reading is not enough; the pause
+/// is short because the process exits (the queue is empty) only after the last confirmation.
 const DRAIN_CONFIRMATIONS: u32 = 2;
+const DRAIN_CONFIRM_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Publishes the queue's depth every [`QUEUE_CHECK_INTERVAL`]; with `drain`, also stops the source
 /// once the queue reports nothing visible, in flight or delayed and nothing received is still held,
 /// on several checks in a row. While messages are held the queue cannot be drained, so the drain
-/// check skips the call then: counting a large queue is expensive for the SQS emulator.
+/// check skips the call then (counting a large queue is expensive for the SQS emulator), and
+/// checks at once when the last one is released.
 pub(crate) async fn watch_queue(
     client: aws_sdk_sqs::Client,
     queue_url: String,
@@ -29,9 +34,11 @@ pub(crate) async fn watch_queue(
     let mut confirmations = 0;
     let mut last_read: Option<Instant> = None;
     loop {
+        let pause = if confirmations > 0 { DRAIN_CONFIRM_INTERVAL } else { interval };
         tokio::select! {
             _ = done.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(pause) => {}
+            () = in_flight.emptied(), if drain.is_some() => {}
         }
         let gauge_due = last_read.is_none_or(|at| at.elapsed() >= QUEUE_CHECK_INTERVAL);
         let drain_check = drain.is_some() && in_flight.is_empty();

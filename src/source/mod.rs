@@ -90,14 +90,15 @@ impl Envelope {
     }
 }
 
-/// Messages received and not yet deleted, keyed by receipt handle; and whether the last
-/// receive came back short of a full batch.
+/// Messages received and not yet deleted, keyed by receipt handle; whether the last receive
+/// came back short of a full batch; and a signal for when the last held message is released.
 #[derive(Debug, Default)]
 pub struct InFlight {
     // foldhash, not SipHash: every message's handle (hundreds of bytes) is hashed on hold and
     // on release, and the handles come from SQS, not from whoever sends messages.
     held: Mutex<HashMap<Arc<str>, Instant, foldhash::fast::RandomState>>,
     backlog_taken: AtomicBool,
+    emptied: tokio::sync::Notify,
 }
 
 impl InFlight {
@@ -123,10 +124,22 @@ impl InFlight {
     /// Forgets messages that were deleted, or that will be redelivered.
     pub fn release(&self, receipts: impl IntoIterator<Item = impl AsRef<str>>) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let before = held.len();
         for receipt in receipts {
             held.remove(receipt.as_ref());
         }
-        metrics::gauge!(metrics::INFLIGHT_MESSAGES).set(held.len() as f64);
+        let after = held.len();
+        drop(held);
+        metrics::gauge!(metrics::INFLIGHT_MESSAGES).set(after as f64);
+        if after == 0 && before > 0 {
+            self.emptied.notify_one();
+        }
+    }
+
+    /// Resolves once a release has left nothing held (at once if one did since the last call,
+    /// even if messages have been received since: the caller checks [`Self::is_empty`]).
+    pub async fn emptied(&self) {
+        self.emptied.notified().await;
     }
 
     /// The receipt handles of every message held.
@@ -348,6 +361,7 @@ async fn change_visibility(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
     use std::collections::HashMap;
 
     #[test]
@@ -395,6 +409,11 @@ mod tests {
         assert_eq!(due(Duration::from_millis(20)), ["b"]);
         in_flight.release(["a", "b"]);
         assert!(in_flight.is_empty());
+        // The release that emptied it left a signal for `--drain`'s watcher, which was not waiting yet.
+        assert!(in_flight.emptied().now_or_never().is_some());
+        assert!(in_flight.emptied().now_or_never().is_none(), "one signal per emptying");
+        in_flight.release(["a"]);
+        assert!(in_flight.emptied().now_or_never().is_none(), "releasing nothing held is no emptying");
         // Only the last receive counts: a short one means no backlog for deletes to yield to.
         assert!(!in_flight.backlog_taken());
         in_flight.received(3);
