@@ -38,7 +38,9 @@ pub(crate) async fn watch_queue(
         tokio::select! {
             _ = done.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
-            () = in_flight.emptied(), if drain.is_some() => {}
+            // Only before the first empty reading: a signal left from an emptying during that
+            // reading must not cut the confirming pause short.
+            () = in_flight.emptied(), if drain.is_some() && confirmations == 0 => {}
         }
         let gauge_due = last_read.is_none_or(|at| at.elapsed() >= QUEUE_CHECK_INTERVAL);
         let drain_check = drain.is_some() && in_flight.is_empty();

@@ -132,6 +132,21 @@ async fn redelivered_messages_whose_rows_committed_are_not_written_twice() {
 }
 
 #[tokio::test]
+async fn a_drain_waits_for_delayed_messages_after_everything_held_is_deleted() {
+    // The drain check runs the moment the last held message is deleted: the queue still counts
+    // the delayed ones then, so the run must wait for them instead of exiting.
+    let env = TestEnv::new().await;
+    let mut sent = env.publish_with_ids(&synthetic_bodies(50, 21)).await;
+    sent.extend(env.publish_delayed(&synthetic_bodies(20, 22), 3).await);
+
+    let summary = env.drain(&[]).await;
+
+    assert_eq!(summary.received, 70);
+    assert_eq!(summary.deleted, 70);
+    env.assert_exactly_once(&sent).await;
+}
+
+#[tokio::test]
 async fn two_processes_on_one_queue_write_each_message_exactly_once() {
     let env = TestEnv::new().await;
     env.publish(synthetic_bodies(1000, 12)).await;
