@@ -9,7 +9,7 @@ use crate::source::InFlight;
 use crate::sqs;
 
 /// How often the queue's depth is read (for the gauge), and how often `--drain` checks it
-/// (besides at once when the last held message is deleted).
+/// (besides at once when the last held message is released: deleted, or left for redelivery).
 const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How many empty checks in a row `--drain` needs before it stops, and the pause before each
@@ -40,7 +40,7 @@ pub(crate) async fn watch_queue(
             _ = tokio::time::sleep(pause) => {}
             // Only before the first empty reading: a signal left from an emptying during that
             // reading must not cut the confirming pause short.
-            () = in_flight.emptied(), if drain.is_some() && confirmations == 0 => {}
+            () = emptied_after(&in_flight, last_read.map(|at| at + DRAIN_CONFIRM_INTERVAL)), if drain.is_some() && confirmations == 0 => {}
         }
         let gauge_due = last_read.is_none_or(|at| at.elapsed() >= QUEUE_CHECK_INTERVAL);
         let drain_check = drain.is_some() && in_flight.is_empty();
@@ -70,5 +70,14 @@ pub(crate) async fn watch_queue(
             stop_source.cancel();
             return;
         }
+    }
+}
+
+/// The release of the last held message, but no sooner than `earliest`: a trickle that empties
+/// the registry again and again reads the queue at most once per [`DRAIN_CONFIRM_INTERVAL`].
+async fn emptied_after(in_flight: &InFlight, earliest: Option<Instant>) {
+    in_flight.emptied().await;
+    if let Some(earliest) = earliest {
+        tokio::time::sleep_until(earliest.into()).await;
     }
 }
