@@ -78,6 +78,10 @@ seed() { # queue-name count [extra args] -> prints the queue URL
 stored() { psql -qtA "$1" -c "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_quarantine)" 2>/dev/null || echo 0; }
 
 has() { [[ $PHASES == *$1* ]]; }
+if has B || has C; then
+  [ "$(psql -XqtA "$ADMIN_URL" -c 'SHOW track_commit_timestamp')" = on ] ||
+    { echo "phases B and C read commit timestamps: the PostgreSQL at DATABASE_URL needs track_commit_timestamp=on"; exit 1; }
+fi
 results=()
 row() { results+=("$(printf "$@")"); }
 pct() { awk "BEGIN { printf \"%.0f\", 100 * $1 / $2 }"; }
@@ -153,16 +157,18 @@ if has B; then
       >"$OUT/summary-$r.json" 2>"$OUT/run-$r.log" &
     pids+=($!)
   done
-  # Nothing polls the database meanwhile: a psql every 0.1 s took ~16 % of the clients' CPU and ~6 % of the
+  # Nothing polls the database meanwhile: a psql every 0.1 s took ~16 % of the clients' CPU and ~4 % of the
   # services' (a connection and two counts each), during B only. The last row's commit time is read afterwards.
-  for pid in "${pids[@]}"; do
-    wait "$pid" || { echo "loginflow failed"; cat "$OUT/run-1.log"; exit 1; }
+  for r in $(seq 1 "$REPLICAS"); do
+    wait "${pids[r - 1]}" || { echo "loginflow (process $r) failed"; cat "$OUT/run-$r.log"; kill "${pids[@]}" 2>/dev/null; exit 1; }
   done
   queue_empty=$(now)
-  [ "$(stored "$flow_db")" -ge "$N" ] || { echo "loginflow stored $(stored "$flow_db") of $N"; exit 1; }
-  last_row=$(psql -qtA "$flow_db" -c "SELECT extract(epoch FROM greatest(
+  stored_rows=$(psql -XqtA "$flow_db" -c "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_quarantine)")
+  [ "$stored_rows" -ge "$N" ] || { echo "loginflow stored $stored_rows of $N"; tail -n 20 "$OUT/run-1.log"; exit 1; }
+  last_row=$(psql -XqtA "$flow_db" -c "SELECT extract(epoch FROM greatest(
     (SELECT max(pg_xact_commit_timestamp(xmin)) FROM user_logins),
     (SELECT max(pg_xact_commit_timestamp(xmin)) FROM user_logins_quarantine)))")
+  [ -n "$last_row" ] || { echo "no commit timestamps in $flow_db (track_commit_timestamp must be on)"; exit 1; }
   flow_service_cpu=$(service_us_per_message "$flow_cpu_before")
   flow_secs=$(elapsed "$start" "$last_row")
   flow_rate=$(calc "$N / $flow_secs")
