@@ -75,7 +75,7 @@ seed() { # queue-name count [extra args] -> prints the queue URL
   local name=$1 count=$2; shift 2
   QUEUE_URL="$AWS_ENDPOINT_URL/000000000000/$name" "$BIN" seed --count "$count" "$@" | sed 's/.* to //'
 }
-stored() { psql -qtA "$1" -c "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_quarantine)" 2>/dev/null || echo 0; }
+stored() { psql -XqtA "$1" -c "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_quarantine)" 2>/dev/null || echo 0; }
 
 has() { [[ $PHASES == *$1* ]]; }
 if has B || has C; then
@@ -163,12 +163,11 @@ if has B; then
     wait "${pids[r - 1]}" || { echo "loginflow (process $r) failed"; cat "$OUT/run-$r.log"; kill "${pids[@]}" 2>/dev/null; exit 1; }
   done
   queue_empty=$(now)
-  stored_rows=$(psql -XqtA "$flow_db" -c "SELECT (SELECT count(*) FROM user_logins) + (SELECT count(*) FROM user_logins_quarantine)")
+  stored_rows=$(stored "$flow_db")
   [ "$stored_rows" -ge "$N" ] || { echo "loginflow stored $stored_rows of $N"; tail -n 20 "$OUT/run-1.log"; exit 1; }
   last_row=$(psql -XqtA "$flow_db" -c "SELECT extract(epoch FROM greatest(
     (SELECT max(pg_xact_commit_timestamp(xmin)) FROM user_logins),
     (SELECT max(pg_xact_commit_timestamp(xmin)) FROM user_logins_quarantine)))")
-  [ -n "$last_row" ] || { echo "no commit timestamps in $flow_db (track_commit_timestamp must be on)"; exit 1; }
   flow_service_cpu=$(service_us_per_message "$flow_cpu_before")
   flow_secs=$(elapsed "$start" "$last_row")
   flow_rate=$(calc "$N / $flow_secs")
