@@ -160,11 +160,11 @@ if has B; then
   # Nothing polls the database meanwhile: a psql every 0.1 s took ~16 % of the clients' CPU and ~4 % of the
   # services' (a connection and two counts each), during B only. The last row's commit time is read afterwards.
   for r in $(seq 1 "$REPLICAS"); do
-    wait "${pids[r - 1]}" || { echo "loginflow (process $r) failed"; cat "$OUT/run-$r.log"; kill "${pids[@]}" 2>/dev/null; exit 1; }
+    wait "${pids[r - 1]}" || { echo "loginflow (process $r) failed"; cat "$OUT/run-$r.log"; for p in "${pids[@]}"; do pkill -TERM -P "$p" || true; done; exit 1; }
   done
   queue_empty=$(now)
   stored_rows=$(stored "$flow_db")
-  [ "$stored_rows" -ge "$N" ] || { echo "loginflow stored $stored_rows of $N"; tail -n 20 "$OUT/run-1.log"; exit 1; }
+  [ "$stored_rows" -ge "$N" ] || { echo "loginflow stored $stored_rows of $N"; tail -n 20 "$OUT"/run-*.log; exit 1; }
   last_row=$(psql -XqtA "$flow_db" -c "SELECT extract(epoch FROM greatest(
     (SELECT max(pg_xact_commit_timestamp(xmin)) FROM user_logins),
     (SELECT max(pg_xact_commit_timestamp(xmin)) FROM user_logins_quarantine)))")
