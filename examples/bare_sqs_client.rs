@@ -50,7 +50,6 @@ async fn main() {
                         // The ceiling asks for what loginflow's receives ask for.
                         receive = receive
                             .visibility_timeout(600)
-                            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
                             .message_attribute_names(loginflow::redrive::ORIGINAL_ID_ATTRIBUTE);
                     }
                     let Ok(out) = receive.send().await else {

@@ -217,7 +217,6 @@ pub async fn receive_loop<T, F, Fut>(
             .wait_time_seconds(settings.wait_secs.into())
             .visibility_timeout(settings.visibility_timeout_secs as i32)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_attribute_names(crate::redrive::ORIGINAL_ID_ATTRIBUTE)
             .send();
         let result = tokio::select! {
