@@ -322,7 +322,7 @@ impl Stages {
     async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
-            match self.sink.write(&window.logins, &window.quarantine, &self.abort).await {
+            match self.sink.write(&window.logins, &window.quarantine, &self.transform.masker, &self.abort).await {
                 Ok(committed) => return Some(committed),
                 Err(SinkError::Cancelled) => return None,
                 Err(err) => {
