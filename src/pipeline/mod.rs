@@ -49,6 +49,11 @@ const ABORT_WAIT: Duration = Duration::from_secs(3);
 const COMMITTED_WINDOWS: usize = 8;
 /// How long `run` waits for its background tasks (pollers, probes, extender) at the end.
 const TASKS_WAIT: Duration = Duration::from_secs(2);
+/// Failed attempts at a window's write after which, if the database answers meanwhile, the
+/// window is written one record per transaction to find the records that cannot be stored.
+const WINDOW_ATTEMPTS: u32 = 8;
+/// How long the database has to answer before a window is written record by record.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors that stop `run`.
 #[derive(Debug, thiserror::Error)]
@@ -319,8 +324,16 @@ impl Stages {
 
     /// The window's write, retried with backoff while the database is unavailable or busy;
     /// `None` once shutdown's grace period is over (the write in progress is rolled back).
+    ///
+    /// A window that keeps failing while the database answers holds something the database
+    /// will not take (a record whose trigger outlasts the statement timeout, or raises a
+    /// "busy" SQLSTATE every time): after [`WINDOW_ATTEMPTS`] it is written one record per
+    /// transaction, and the records that still fail are reported unstorable, to be released
+    /// for the queue's redrive policy instead of held forever. While the database does not
+    /// answer, the window waits for it, however long.
     async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
         let mut backoff = Backoff::new(self.max_backoff);
+        let mut failures = 0;
         loop {
             match self.sink.write(&window.logins, &window.quarantine, &self.transform.masker, &self.abort).await {
                 Ok(committed) => return Some(committed),
@@ -328,9 +341,19 @@ impl Stages {
                 Err(err) => {
                     metrics::error("sink", "transient");
                     metrics::retry("sink");
+                    failures += 1;
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %crate::error_chain(&err), ?delay, messages = window.acks.len(),
                                    "batch not committed; retrying");
+                    if failures >= WINDOW_ATTEMPTS {
+                        let answers = tokio::select! {
+                            answers = self.sink.ping(PING_TIMEOUT) => answers,
+                            _ = self.abort.cancelled() => return None,
+                        };
+                        if answers {
+                            return self.write_record_by_record(window).await;
+                        }
+                    }
                     tokio::select! {
                         _ = self.abort.cancelled() => return None,
                         _ = tokio::time::sleep(delay) => {}
@@ -338,6 +361,31 @@ impl Stages {
                 }
             }
         }
+    }
+
+    /// Writes each record of `window` in its own transaction, once; a record whose write
+    /// fails is reported unstorable. `None` once shutdown's grace period is over.
+    async fn write_record_by_record(&self, window: &Window) -> Option<Committed> {
+        tracing::warn!(
+            messages = window.acks.len(),
+            attempts = WINDOW_ATTEMPTS,
+            "the database answers but this batch keeps failing; writing its records one by one"
+        );
+        let mut committed = Committed::default();
+        let logins = window.logins.iter().map(|login| (std::slice::from_ref(login), &[][..], &login.message_id));
+        let quarantine =
+            window.quarantine.iter().map(|record| (&[][..], std::slice::from_ref(record), &record.message_id));
+        for (logins, quarantine, message_id) in logins.chain(quarantine) {
+            match self.sink.write(logins, quarantine, &self.transform.masker, &self.abort).await {
+                Ok(done) => committed.add(done),
+                Err(SinkError::Cancelled) => return None,
+                Err(err) => {
+                    tracing::warn!(error = %crate::error_chain(&err), %message_id, "record not stored after every attempt");
+                    committed.unstorable.push(message_id.clone());
+                }
+            }
+        }
+        Some(committed)
     }
 }
 

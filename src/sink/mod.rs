@@ -174,7 +174,8 @@ pub struct Committed {
 }
 
 impl Committed {
-    fn add(&mut self, other: Committed) {
+    /// Adds what another write stored.
+    pub fn add(&mut self, other: Committed) {
         self.written += other.written;
         self.already_stored += other.already_stored;
         self.quarantined += other.quarantined;

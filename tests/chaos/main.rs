@@ -517,6 +517,60 @@ async fn a_message_not_even_the_quarantine_accepts_reaches_the_dead_letter_queue
     );
 }
 
+#[tokio::test]
+async fn a_record_the_database_always_calls_busy_reaches_the_dead_letter_queue_and_its_batch_commits() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    // A "busy" SQLSTATE, which retries the whole window, raised every time for one kind of row:
+    // only bounded attempts (then one record per transaction) keep it from holding its batch forever.
+    env.db()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION always_busy() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.device_type = 'always-busy' THEN
+                 RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER always_busy BEFORE INSERT ON user_logins FOR EACH ROW EXECUTE FUNCTION always_busy();",
+        )
+        .await
+        .unwrap();
+    let mut bodies = synthetic_bodies(300, 114);
+    let mut victims = 0;
+    for body in bodies.iter_mut().step_by(97) {
+        if loginflow::decode::decode(body).is_ok() {
+            let mut event: Value = serde_json::from_str(body).unwrap();
+            event["device_type"] = Value::from("always-busy");
+            *body = event.to_string();
+            victims += 1;
+        }
+    }
+    assert!(victims >= 3, "{victims}");
+    let sent = env.publish_with_ids(&bodies).await;
+    let started = Instant::now();
+    let (ok, summary, logs) = Loginflow::spawn(&env, &["--drain"], &[("VISIBILITY_TIMEOUT_SECS", "5".to_owned())])
+        .finish(Duration::from_secs(240))
+        .await;
+    assert!(ok, "drain finished although some rows are refused as busy every time: {logs}");
+    let dead = env.take_dead_letters().await;
+    assert_eq!(dead.len(), victims, "every always-busy message, and only those, is in the DLQ");
+    let (lost, duplicated) = env.assert_each_once(&sent, &dead).await;
+    assert_eq!(row_count(&env).await as u64, summary["written"].as_u64().unwrap());
+    // Released once per receive, five receives before the redrive policy moves each one.
+    assert_eq!(summary["released"], (victims * 5) as u64, "{summary}");
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: always_busy sent={} victims={victims} dead_lettered={} released={} written={} secs={:.1} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        dead.len(),
+        summary["released"],
+        summary["written"],
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// What a SIGTERM-under-fault test measured.
 struct SigtermFigures {
     exit_after: Duration,
