@@ -480,63 +480,76 @@ async fn a_deferred_constraint_failing_at_commit_costs_only_its_rows() {
     println!("figures: deferred_constraint {figures}");
 }
 
+/// What a dead-letter test measured.
+struct DeadLetterFigures {
+    summary: Value,
+    dead_lettered: usize,
+    lost: usize,
+    duplicated: usize,
+    secs: f64,
+}
+
+/// Installs `fault_sql`, drains `bodies`, and asserts the drain finishes although the `doomed` messages
+/// can never be stored: exactly those reach the DLQ, each after five receives (released once per receive),
+/// everything else is stored once, and no PII is anywhere.
+async fn drain_past_unstorable_messages(
+    env: &TestEnv,
+    fault_sql: &str,
+    bodies: &[String],
+    doomed: usize,
+) -> DeadLetterFigures {
+    env.migrated_sink().await;
+    env.db().await.batch_execute(fault_sql).await.unwrap();
+    let sent = env.publish_with_ids(bodies).await;
+    let started = Instant::now();
+    let (ok, summary, logs) = Loginflow::spawn(env, &["--drain"], &[("VISIBILITY_TIMEOUT_SECS", "5".to_owned())])
+        .finish(Duration::from_secs(240))
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    assert!(ok, "drain finished although some messages can never be stored: {logs}");
+    let dead = env.take_dead_letters().await;
+    assert_eq!(dead.len(), doomed, "every unstorable message, and only those, is in the DLQ");
+    let (lost, duplicated) = env.assert_each_once(&sent, &dead).await;
+    assert_eq!(summary["released"], (doomed * 5) as u64, "{summary}");
+    assert_no_pii(env, bodies, &logs).await;
+    DeadLetterFigures { summary, dead_lettered: dead.len(), lost, duplicated, secs }
+}
+
 #[tokio::test]
 async fn a_message_not_even_the_quarantine_accepts_reaches_the_dead_letter_queue() {
     let env = TestEnv::new().await;
-    env.migrated_sink().await;
     // Quarantine refuses everything: malformed messages cannot be stored anywhere.
-    env.db()
-        .await
-        .batch_execute(
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN RAISE EXCEPTION 'quarantine is closed'; END $$;
-             CREATE TRIGGER refuse BEFORE INSERT ON user_logins_quarantine FOR EACH ROW EXECUTE FUNCTION refuse();",
-        )
-        .await
-        .unwrap();
+    let refuse_quarantine = "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'quarantine is closed'; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON user_logins_quarantine FOR EACH ROW EXECUTE FUNCTION refuse();";
     let mut bodies = synthetic_bodies(500, 112);
     bodies.extend((0..7).map(|i| format!("not json {i}")));
     let malformed = bodies.iter().filter(|b| loginflow::decode::decode(b).is_err()).count();
-    let sent = env.publish_with_ids(&bodies).await;
-    let (ok, summary, logs) = Loginflow::spawn(&env, &["--drain"], &[("VISIBILITY_TIMEOUT_SECS", "5".to_owned())])
-        .finish(Duration::from_secs(240))
-        .await;
-    assert!(ok, "drain finished although some messages can never be stored: {logs}");
-    let dead = env.take_dead_letters().await;
-    assert_eq!(dead.len(), malformed, "every unstorable message, and only those, is in the DLQ");
-    let (lost, duplicated) = env.assert_each_once(&sent, &dead).await;
-    // Five receives before the redrive policy moves each one.
-    assert_eq!(summary["released"], (malformed * 5) as u64, "{summary}");
-    assert_no_pii(&env, &bodies, &logs).await;
+    let f = drain_past_unstorable_messages(&env, refuse_quarantine, &bodies, malformed).await;
     println!(
-        "figures: unstorable sent={} malformed={malformed} dead_lettered={} released={} written={} lost={lost} duplicated={duplicated}",
-        sent.len(),
-        dead.len(),
-        summary["released"],
-        summary["written"]
+        "figures: unstorable sent={} malformed={malformed} dead_lettered={} released={} written={} lost={} duplicated={}",
+        bodies.len(),
+        f.dead_lettered,
+        f.summary["released"],
+        f.summary["written"],
+        f.lost,
+        f.duplicated
     );
 }
 
 #[tokio::test]
 async fn a_record_the_database_always_calls_busy_reaches_the_dead_letter_queue_and_its_batch_commits() {
     let env = TestEnv::new().await;
-    env.migrated_sink().await;
     // A "busy" SQLSTATE, which retries the whole window, raised every time for one kind of row:
     // only bounded attempts (then one record per transaction) keep it from holding its batch forever.
-    env.db()
-        .await
-        .batch_execute(
-            "CREATE FUNCTION always_busy() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF NEW.device_type = 'always-busy' THEN
-                 RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
-               END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER always_busy BEFORE INSERT ON user_logins FOR EACH ROW EXECUTE FUNCTION always_busy();",
-        )
-        .await
-        .unwrap();
+    let always_busy = "CREATE FUNCTION always_busy() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.device_type = 'always-busy' THEN
+             RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER always_busy BEFORE INSERT ON user_logins FOR EACH ROW EXECUTE FUNCTION always_busy();";
     let mut bodies = synthetic_bodies(300, 114);
     let mut victims = 0;
     for body in bodies.iter_mut().step_by(97) {
@@ -548,26 +561,17 @@ async fn a_record_the_database_always_calls_busy_reaches_the_dead_letter_queue_a
         }
     }
     assert!(victims >= 3, "{victims}");
-    let sent = env.publish_with_ids(&bodies).await;
-    let started = Instant::now();
-    let (ok, summary, logs) = Loginflow::spawn(&env, &["--drain"], &[("VISIBILITY_TIMEOUT_SECS", "5".to_owned())])
-        .finish(Duration::from_secs(240))
-        .await;
-    assert!(ok, "drain finished although some rows are refused as busy every time: {logs}");
-    let dead = env.take_dead_letters().await;
-    assert_eq!(dead.len(), victims, "every always-busy message, and only those, is in the DLQ");
-    let (lost, duplicated) = env.assert_each_once(&sent, &dead).await;
-    assert_eq!(row_count(&env).await as u64, summary["written"].as_u64().unwrap());
-    // Released once per receive, five receives before the redrive policy moves each one.
-    assert_eq!(summary["released"], (victims * 5) as u64, "{summary}");
-    assert_no_pii(&env, &bodies, &logs).await;
+    let f = drain_past_unstorable_messages(&env, always_busy, &bodies, victims).await;
+    assert_eq!(row_count(&env).await as u64, f.summary["written"].as_u64().unwrap(), "the victims' batches committed");
     println!(
-        "figures: always_busy sent={} victims={victims} dead_lettered={} released={} written={} secs={:.1} lost={lost} duplicated={duplicated}",
-        sent.len(),
-        dead.len(),
-        summary["released"],
-        summary["written"],
-        started.elapsed().as_secs_f64()
+        "figures: always_busy sent={} victims={victims} dead_lettered={} released={} written={} secs={:.1} lost={} duplicated={}",
+        bodies.len(),
+        f.dead_lettered,
+        f.summary["released"],
+        f.summary["written"],
+        f.secs,
+        f.lost,
+        f.duplicated
     );
 }
 
