@@ -73,8 +73,10 @@ impl Budget {
     }
 
     /// Splits a reservation into one share per body; returns the unused rest to the budget.
-    /// Bodies larger than the reservation (only an emulator sends them) wait for the difference.
-    pub async fn shares_for(&self, mut reservation: Share, sizes: Vec<usize>) -> Vec<Share> {
+    /// Bodies larger than the reservation (after a jump in body size) need more: the reservation
+    /// is given back and the whole batch waited for at once, because pollers that each held a
+    /// reservation while waiting for more could together hold the budget and wait forever.
+    pub async fn shares_for(&self, reservation: Share, sizes: Vec<usize>) -> Vec<Share> {
         let largest = sizes.iter().copied().max().unwrap_or(0);
         if largest > SMALL_BODY_BYTES {
             return_freed_memory_at_once();
@@ -82,15 +84,22 @@ impl Budget {
         let _ = self.recent_body.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |recent| {
             Some(largest.max(recent - recent / 8).clamp(SMALL_BODY_BYTES, MAX_BODY_BYTES))
         });
-        let mut shares = Vec::with_capacity(sizes.len());
-        for size in sizes {
-            let share = match reservation.0.split(size) {
-                Some(permit) => Share(permit),
-                None => self.acquire(size).await,
-            };
-            shares.push(share);
-        }
-        shares
+        let total: usize = sizes.iter().sum();
+        let mut batch = match reservation.0.num_permits() >= total {
+            true => reservation,
+            false => {
+                drop(reservation);
+                self.acquire(total).await
+            }
+        };
+        sizes
+            .into_iter()
+            .map(|size| {
+                // Less only when the batch is larger than the whole budget (an emulator's bodies).
+                let size = size.min(batch.0.num_permits());
+                Share(batch.0.split(size).expect("no more than the permits held"))
+            })
+            .collect()
     }
 
     /// Bytes currently free.
@@ -129,6 +138,39 @@ mod tests {
         let reservation = budget.reserve_batch().await;
         assert_eq!(budget.capacity() - budget.available(), 20 * (MAX_BODY_BYTES - MAX_BODY_BYTES / 8));
         drop(reservation);
+    }
+
+    #[tokio::test]
+    async fn pollers_whose_bodies_outgrow_their_reservations_do_not_wait_on_each_other_forever() {
+        // Four reservations of ~7.5 MiB (bodies of 384 KiB lately) hold 30 of 32 MiB; then every
+        // receive brings ten 1 MiB bodies. Each holding its reservation while it waited for
+        // 2.5 MiB more, none could ever go on.
+        let budget = Budget::new(32 << 20);
+        drop(budget.shares_for(budget.reserve_batch().await, vec![384 << 10]).await);
+        let mut reservations = Vec::new();
+        for _ in 0..4 {
+            reservations.push(budget.reserve_batch().await);
+        }
+        let mut receives = tokio::task::JoinSet::new();
+        for reservation in reservations {
+            let budget = budget.clone();
+            receives.spawn(async move { budget.shares_for(reservation, vec![MAX_BODY_BYTES; 10]).await });
+        }
+        let wait = std::time::Duration::from_millis(200);
+        let mut stored = Vec::new();
+        for _ in 0..3 {
+            let shares = tokio::time::timeout(wait, receives.join_next()).await.expect("three batches fit");
+            stored.push(shares.unwrap().unwrap());
+        }
+        assert!(tokio::time::timeout(wait, receives.join_next()).await.is_err(), "the fourth waits for room");
+        drop(stored.pop());
+        let last = tokio::time::timeout(wait, receives.join_next()).await.expect("room made, it goes on");
+        let last = last.unwrap().unwrap();
+        assert_eq!(last.len(), 10);
+        drop(stored);
+        assert_eq!(budget.available(), budget.capacity() - 10 * MAX_BODY_BYTES, "the last batch's shares held");
+        drop(last);
+        assert_eq!(budget.available(), budget.capacity());
     }
 
     #[tokio::test]
