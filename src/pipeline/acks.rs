@@ -45,7 +45,8 @@ pub(super) fn max_ack_lag(visibility_timeout: Duration) -> Duration {
 }
 /// Longest an ack waits before deletes catch up, whatever the visibility timeout (up to 12 h).
 const MAX_ACK_LAG: Duration = Duration::from_secs(30);
-/// Most acks gathered before the stage stops taking more (the sink then waits on the channel).
+/// Acks gathered from which the stage stops taking more windows (the sink then waits on the
+/// channel); a whole window is taken at once, so up to `BATCH_MAX_ROWS` - 1 more can wait.
 /// Each holds its message id and shares its receipt handle with the in-flight registry: with
 /// SQS's receipt handles (up to ~1 KiB) at most ~45 MiB, ~10 MiB against LocalStack's (measured:
 /// RSS 33 MiB draining 40 000). They count as in flight on the queue (SQS allows ~120 000 per

@@ -411,21 +411,28 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
     tracker.spawn(http::serve(listener, prometheus, probes, background.clone()));
 
     tokio::pin!(shutdown);
+    // Shutdown before the first receive: nothing is held, so only the background tasks stop.
+    let stopped_before_start = async |step: &str| {
+        tracing::info!(step, "shut down before the pipeline started; nothing was received");
+        background.cancel();
+        tracker.close();
+        let _ = tokio::time::timeout(TASKS_WAIT, tracker.wait()).await;
+        Ok(RunSummary::default())
+    };
     tokio::select! {
         migrated = migrate_with_retry(&sink, args.retry_max_backoff()) => migrated.map_err(RunError::Database)?,
-        () = &mut shutdown => {
-            tracing::info!("shut down before the schema was ready; nothing was received");
-            background.cancel();
-            tracker.close();
-            let _ = tokio::time::timeout(TASKS_WAIT, tracker.wait()).await;
-            return Ok(RunSummary::default());
-        }
+        () = &mut shutdown => return stopped_before_start("schema").await,
     }
 
     let vault = match &args.pii_kms_key_id {
         Some(kms_key_id) => {
             let kms = aws_sdk_kms::Client::new(&sqs::sdk_config(&args.sqs).await);
-            let vault = Arc::new(Vault::open(kms, kms_key_id.clone(), &sink).await.map_err(RunError::Vault)?);
+            // KMS may stall (each SDK attempt waits up to its own timeout): shutdown does not wait for it.
+            let opened = tokio::select! {
+                opened = Vault::open(kms, kms_key_id.clone(), &sink) => opened.map_err(RunError::Vault)?,
+                () = &mut shutdown => return stopped_before_start("PII vault").await,
+            };
+            let vault = Arc::new(opened);
             tracing::info!(kms_key_id = %kms_key_id, rotation = ?args.pii_key_rotation(),
                            "PII vault on: raw ip, device_id and quarantined bodies are sealed into user_logins_pii");
             tracker.spawn(vault.clone().rotate_every(args.pii_key_rotation(), sink.clone(), background.clone()));

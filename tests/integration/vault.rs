@@ -546,3 +546,40 @@ async fn replay_and_remask_go_past_a_data_key_kms_refuses_and_a_rebuilt_event_st
     let raw: Vec<String> = (0..6).flat_map(|i| [login_body(i, "tablet").2, login_body(i, "tablet").3]).collect();
     assert_no_raw_value_outside_the_vault(&db, &raw.iter().map(String::as_str).collect::<Vec<_>>()).await;
 }
+
+#[tokio::test]
+async fn shutdown_while_kms_does_not_answer_ends_the_run_at_once() {
+    let env = TestEnv::new().await;
+    // A key service that accepts connections and never answers (each SDK attempt would wait 30 s).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let (asked, asked_kms) = tokio::sync::oneshot::channel::<()>();
+    let listener = tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut asked = Some(asked);
+        loop {
+            held.push(silent.accept().await.unwrap().0);
+            if let Some(asked) = asked.take() {
+                let _ = asked.send(());
+            }
+        }
+    });
+    let mut args = env.run_args(&["--pii-kms-key-id", "alias/never-answers"]);
+    args.sqs.aws_endpoint_url = Some(endpoint);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(loginflow::run(args, async move {
+        let _ = stopped.await;
+    }));
+
+    tokio::time::timeout(std::time::Duration::from_secs(30), asked_kms).await.expect("the vault asks KMS").unwrap();
+    let signalled = std::time::Instant::now();
+    stop.send(()).unwrap();
+    let summary = tokio::time::timeout(std::time::Duration::from_secs(10), run)
+        .await
+        .expect("run returns soon after shutdown, without waiting for KMS")
+        .unwrap()
+        .expect("a shutdown before the pipeline started is a clean exit");
+    assert!(signalled.elapsed() < std::time::Duration::from_secs(5), "took {:?}", signalled.elapsed());
+    assert_eq!(summary.received, 0);
+    listener.abort();
+}
