@@ -19,13 +19,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const DATABASE: &str = "loginflow_bench_sink";
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
-fn masker() -> Masker {
-    Masker::new(&SecretString::from("bench-key-bench-key-bench-key-0123"))
-}
-
 /// `n` masked rows with fresh message ids.
 fn rows(n: usize) -> Vec<MaskedLogin> {
-    let masker = masker();
+    let masker = Masker::new(&SecretString::from("bench-key-bench-key-bench-key-0123"));
     loginflow::seed::synthetic(n as u64 * 2, NEXT_ID.load(Ordering::Relaxed))
         .filter_map(|v| decode(&v.to_string()).ok())
         .take(n)
@@ -59,7 +55,7 @@ fn sink(c: &mut Criterion) {
         sink
     });
     let stored = rows(10);
-    runtime.block_on(sink.write(&stored, &[], &masker(), &Default::default())).unwrap();
+    runtime.block_on(sink.write(&stored, &[], &Default::default())).unwrap();
 
     let mut group = c.benchmark_group("sink");
     let mut bench = |name: &str, method: WriteMethod, batch: usize, redelivered: usize| {
@@ -75,7 +71,7 @@ fn sink(c: &mut Criterion) {
                 },
                 |rows| {
                     let sink = sink.clone();
-                    async move { sink.write_using(method, &rows, &[], &masker(), &Default::default()).await.unwrap() }
+                    async move { sink.write_using(method, &rows, &[], &Default::default()).await.unwrap() }
                 },
                 BatchSize::LargeInput,
             )

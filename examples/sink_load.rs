@@ -8,9 +8,8 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use loginflow::mask::{MaskedLogin, Masker};
+use loginflow::mask::MaskedLogin;
 use loginflow::sink::Sink;
-use secrecy::SecretString;
 
 /// Column order of the CSV: `message_id, user_id, device_type, masked_ip, masked_device_id, locale,
 /// app_version, app_version_text, sent_at, create_date` (as `scripts/loadtest.sh` exports it; the sink
@@ -42,14 +41,12 @@ async fn main() {
     let connections: usize = rest.get(1).map_or(2, |v| v.parse().expect("connections"));
     let rows: Vec<MaskedLogin> = std::fs::read_to_string(csv).expect("csv").lines().map(parse).collect();
     let sink = Sink::new(url.parse().expect("database url"), connections);
-    // Scrubs the copies of rows the database refuses (none here).
-    let masker = Masker::new(&SecretString::from("sink-load-throwaway-key-0123456789ab"));
     sink.migrate().await.expect("migrate");
     let started = Instant::now();
     let written: u64 = futures::stream::iter(rows.chunks(batch))
         .map(|chunk| {
-            let (sink, masker) = (sink.clone(), &masker);
-            async move { sink.write(chunk, &[], masker, &Default::default()).await.expect("write").written }
+            let sink = sink.clone();
+            async move { sink.write(chunk, &[], &Default::default()).await.expect("write").written }
         })
         .buffer_unordered(connections)
         .fold(0, |sum, n| async move { sum + n })

@@ -335,7 +335,7 @@ impl Stages {
         let mut backoff = Backoff::new(self.max_backoff);
         let mut failures = 0;
         loop {
-            match self.sink.write(&window.logins, &window.quarantine, &self.transform.masker, &self.abort).await {
+            match self.sink.write(&window.logins, &window.quarantine, &self.abort).await {
                 Ok(committed) => return Some(committed),
                 Err(SinkError::Cancelled) => return None,
                 Err(err) => {
@@ -376,7 +376,7 @@ impl Stages {
         let quarantine =
             window.quarantine.iter().map(|record| (&[][..], std::slice::from_ref(record), &record.message_id));
         for (logins, quarantine, message_id) in logins.chain(quarantine) {
-            match self.sink.write(logins, quarantine, &self.transform.masker, &self.abort).await {
+            match self.sink.write(logins, quarantine, &self.abort).await {
                 Ok(done) => committed.add(done),
                 Err(SinkError::Cancelled) => return None,
                 Err(err) => {

@@ -26,7 +26,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
-use crate::mask::{MaskedLogin, Masker, QuarantineRecord};
+use crate::mask::{MaskedLogin, QuarantineRecord};
 use crate::vault::Sealed;
 pub use connect::Database;
 use errors::{classify, sqlstate, ErrorClass};
@@ -269,10 +269,9 @@ impl Sink {
         &self,
         logins: &[MaskedLogin],
         quarantine: &[QuarantineRecord],
-        masker: &Masker,
         cancel: &CancellationToken,
     ) -> Result<Committed, SinkError> {
-        self.write_using(WriteMethod::Copy, logins, quarantine, masker, cancel).await
+        self.write_using(WriteMethod::Copy, logins, quarantine, cancel).await
     }
 
     /// [`Sink::write`] for quarantined messages run again (`quarantine replay`). A login leaves
@@ -285,11 +284,9 @@ impl Sink {
         &self,
         logins: &[MaskedLogin],
         quarantine: &[QuarantineRecord],
-        masker: &Masker,
         cancel: &CancellationToken,
     ) -> Result<Committed, SinkError> {
-        let mode = Mode { method: WriteMethod::UnnestInsert, replace: true };
-        self.write_with(mode, logins, quarantine, masker, cancel).await
+        self.write_with(Mode { method: WriteMethod::UnnestInsert, replace: true }, logins, quarantine, cancel).await
     }
 
     /// [`Sink::write`] with a chosen method (benches compare them).
@@ -298,10 +295,9 @@ impl Sink {
         method: WriteMethod,
         logins: &[MaskedLogin],
         quarantine: &[QuarantineRecord],
-        masker: &Masker,
         cancel: &CancellationToken,
     ) -> Result<Committed, SinkError> {
-        self.write_with(Mode { method, replace: false }, logins, quarantine, masker, cancel).await
+        self.write_with(Mode { method, replace: false }, logins, quarantine, cancel).await
     }
 
     async fn write_with(
@@ -309,7 +305,6 @@ impl Sink {
         mode: Mode,
         logins: &[MaskedLogin],
         quarantine: &[QuarantineRecord],
-        masker: &Masker,
         cancel: &CancellationToken,
     ) -> Result<Committed, SinkError> {
         let mut client = tokio::select! {
@@ -317,7 +312,7 @@ impl Sink {
             () = cancel.cancelled() => return Err(SinkError::Cancelled),
         };
         let outcome = tokio::select! {
-            result = tokio::time::timeout(self.flush_timeout, store(&mut client, mode, logins, quarantine, masker)) => {
+            result = tokio::time::timeout(self.flush_timeout, store(&mut client, mode, logins, quarantine)) => {
                 match result {
                     Ok(result) => result.map_err(SinkError::from),
                     Err(_) => Err(SinkError::Timeout(self.flush_timeout)),
@@ -402,7 +397,6 @@ async fn store(
     mode: Mode,
     logins: &[MaskedLogin],
     quarantine: &[QuarantineRecord],
-    masker: &Masker,
 ) -> Result<Committed, tokio_postgres::Error> {
     let mut committed = Committed::default();
     let refused = store_isolating(client, mode, Part { logins, quarantine }, &mut committed).await?;
@@ -412,7 +406,7 @@ async fn store(
             Refused::Login(login, code) => {
                 tracing::warn!(message_id = %login.message_id, sqlstate = %code,
                                "row refused by the database; quarantined as db_rejected");
-                db_rejected.push(masker.db_rejected(login, &code));
+                db_rejected.push(QuarantineRecord::db_rejected(login, &code));
             }
             Refused::Quarantine(record) => committed.unstorable.push(record.message_id.clone()),
         }
@@ -674,10 +668,9 @@ mod tests {
 
     #[test]
     fn halves_split_every_part_down_to_single_records() {
-        let masker = Masker::new(&secrecy::SecretString::from("k".repeat(32)));
         let logins: Vec<MaskedLogin> = (0..3).map(|i| login(&i.to_string())).collect();
         let quarantine: Vec<QuarantineRecord> =
-            (3..5).map(|i| masker.db_rejected(&login(&i.to_string()), "x")).collect();
+            (3..5).map(|i| QuarantineRecord::db_rejected(&login(&i.to_string()), "x")).collect();
         let mut pending = vec![Part { logins: &logins, quarantine: &quarantine }];
         let mut singles = Vec::new();
         while let Some(part) = pending.pop() {

@@ -47,10 +47,6 @@ struct RefusedRow {
     device_type: String,
     locale: Option<String>,
     app_version_text: String,
-    /// [`crate::mask::TEXT_SCRUBBED`]: its text held PII-like tokens, masked in this copy, so the
-    /// text as it was is not here.
-    #[serde(default)]
-    text_scrubbed: bool,
 }
 
 /// Most bytes of bodies (clear copies and sealed originals) read in one page, so a job's
@@ -134,9 +130,6 @@ impl Quarantined {
             return Ok(None);
         }
         let Ok(row) = serde_json::from_str::<RefusedRow>(&self.masked_body) else { return Ok(None) };
-        if row.text_scrubbed {
-            return Ok(None);
-        }
         let event = serde_json::json!({
             "user_id": row.user_id,
             "app_version": row.app_version_text,

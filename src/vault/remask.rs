@@ -15,7 +15,7 @@ use super::commands::audit;
 use super::quarantined::{self, Original};
 use super::{db_error, Column, KeyRing, VaultError};
 use crate::decode::decode;
-use crate::mask::{Masker, MessageMeta};
+use crate::mask::{Masker, MessageMeta, QuarantineRecord};
 use crate::sink::{Sink, TRANSFORM_VERSION};
 use crate::source::envelope::{self, InputFormat};
 
@@ -190,7 +190,7 @@ impl Job<'_> {
 fn quarantine_copy(masker: &Masker, meta: MessageMeta, original: &Original, previous: &str) -> String {
     match original {
         Original::Rebuilt(event) => match decode(event) {
-            Ok(login) => masker.db_rejected(&masker.mask_login(login, meta), "").masked_body,
+            Ok(login) => QuarantineRecord::db_rejected(&masker.mask_login(login, meta), "").masked_body,
             // Today's validator refuses the rebuilt event: the copy keeps the refused row's shape,
             // which `quarantine replay` rebuilds the event from, with new masks.
             Err(_) => remask_refused_row(masker, previous, event).unwrap_or_else(|| masker.mask_body(event)),

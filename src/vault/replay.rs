@@ -106,7 +106,7 @@ pub async fn replay(
                 Record::Duplicate => {}
             }
         }
-        let committed = sink.replace(&logins, &still, masker, &never).await.map_err(db_error)?;
+        let committed = sink.replace(&logins, &still, &never).await.map_err(db_error)?;
         report.written += committed.written;
         report.already_stored += committed.already_stored;
         report.unstorable += committed.unstorable.len() as u64;

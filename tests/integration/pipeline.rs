@@ -113,7 +113,7 @@ async fn redelivered_messages_whose_rows_committed_are_not_written_twice() {
         .take(100)
         .collect();
     assert_eq!(committed.len(), 100);
-    sink.write(&committed, &[], &masker, &Default::default()).await.unwrap();
+    sink.write(&committed, &[], &Default::default()).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
 
     let summary = env.drain(&[]).await;
@@ -127,7 +127,7 @@ async fn redelivered_messages_whose_rows_committed_are_not_written_twice() {
     env.assert_queue_empty().await;
 
     // Writing a committed batch again is a no-op as well.
-    let again = sink.write(&committed, &[], &masker, &Default::default()).await.unwrap();
+    let again = sink.write(&committed, &[], &Default::default()).await.unwrap();
     assert_eq!((again.written, again.already_stored), (0, 100));
 }
 
@@ -177,8 +177,6 @@ async fn a_row_the_database_rejects_is_quarantined_and_its_batch_still_written()
     let mut bodies = synthetic_bodies(30, 13);
     let mut poisoned: Value = serde_json::from_str(&bodies[5]).unwrap();
     poisoned["device_type"] = json!("db-rejects-this");
-    // PII under no PII key: the refused row's copy is scrubbed by shape, like any quarantined body.
-    poisoned["user_id"] = json!("owner 203.0.113.77 device 123-45-6789");
     let poisoned_ip = poisoned["ip"].as_str().unwrap().to_owned();
     bodies[5] = poisoned.to_string();
     env.publish(bodies).await;
@@ -195,10 +193,6 @@ async fn a_row_the_database_rejects_is_quarantined_and_its_batch_still_written()
     assert_eq!(q.get::<_, &str>(1), "23514", "the SQLSTATE of a check violation");
     assert!(q.get::<_, &str>(2).contains(&hmac_hex(&poisoned_ip)));
     assert!(!q.get::<_, &str>(2).contains(&poisoned_ip));
-    for hidden in ["203.0.113.77", "123-45-6789"] {
-        assert!(!q.get::<_, &str>(2).contains(hidden), "{hidden} in the refused row's copy");
-        assert!(q.get::<_, &str>(2).contains(&hmac_hex(hidden)), "{hidden} masked in place");
-    }
     env.assert_queue_empty().await;
 }
 
