@@ -49,11 +49,11 @@ const ABORT_WAIT: Duration = Duration::from_secs(3);
 const COMMITTED_WINDOWS: usize = 8;
 /// How long `run` waits for its background tasks (pollers, probes, extender) at the end.
 const TASKS_WAIT: Duration = Duration::from_secs(2);
-/// Failed attempts at a window's write after which, if the database answers meanwhile, the
+/// Failed attempts at a window's write after which, if the database takes writes meanwhile, the
 /// window is written one record per transaction to find the records that cannot be stored.
 const WINDOW_ATTEMPTS: u32 = 8;
-/// How long the database has to answer before a window is written record by record.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the database has to show it takes writes ([`Sink::takes_writes`]).
+const WRITE_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors that stop `run`.
 #[derive(Debug, thiserror::Error)]
@@ -325,12 +325,12 @@ impl Stages {
     /// The window's write, retried with backoff while the database is unavailable or busy;
     /// `None` once shutdown's grace period is over (the write in progress is rolled back).
     ///
-    /// A window that keeps failing while the database answers holds something the database
+    /// A window that keeps failing while the database takes writes holds something the database
     /// will not take (a record whose trigger outlasts the statement timeout, or raises a
     /// "busy" SQLSTATE every time): after [`WINDOW_ATTEMPTS`] it is written one record per
     /// transaction, and the records that still fail are reported unstorable, to be released
-    /// for the queue's redrive policy instead of held forever. While the database does not
-    /// answer, the window waits for it, however long.
+    /// for the queue's redrive policy instead of held forever. While the database is down or
+    /// takes no writes (a locked table, a full disk), the window waits for it, however long.
     async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
         let mut backoff = Backoff::new(self.max_backoff);
         let mut failures = 0;
@@ -346,13 +346,14 @@ impl Stages {
                     tracing::warn!(error = %crate::error_chain(&err), ?delay, messages = window.acks.len(),
                                    "batch not committed; retrying");
                     if failures >= WINDOW_ATTEMPTS {
-                        let answers = tokio::select! {
-                            answers = self.sink.ping(PING_TIMEOUT) => answers,
+                        let takes_writes = tokio::select! {
+                            takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
                             _ = self.abort.cancelled() => return None,
                         };
-                        if answers {
+                        if takes_writes {
                             return self.write_record_by_record(window).await;
                         }
+                        tracing::warn!(failures, "the database takes no writes now; the batch waits for it");
                     }
                     tokio::select! {
                         _ = self.abort.cancelled() => return None,
@@ -369,7 +370,7 @@ impl Stages {
         tracing::warn!(
             messages = window.acks.len(),
             attempts = WINDOW_ATTEMPTS,
-            "the database answers but this batch keeps failing; writing its records one by one"
+            "the database takes writes but this batch keeps failing; writing its records one by one"
         );
         let mut committed = Committed::default();
         let logins = window.logins.iter().map(|login| (std::slice::from_ref(login), &[][..], &login.message_id));

@@ -127,6 +127,14 @@ pub async fn take_erasure_lock(tx: &tokio_postgres::Transaction<'_>) -> Result<(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ERASURE_LOCK_ID]).await.map(drop)
 }
 
+/// A transaction that writes nothing but needs what a write needs: the writers' lock on every
+/// table the sink writes, without waiting for it, and a transaction id, committed.
+const WRITE_PROBE: &str = "\
+BEGIN;
+LOCK TABLE user_logins, user_logins_quarantine, user_logins_pii IN ROW EXCLUSIVE MODE NOWAIT;
+SELECT txid_current();
+COMMIT";
+
 /// loginflow's version, recorded on every row (`transform_version`).
 pub const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -246,13 +254,26 @@ impl Sink {
     /// Whether the database answers `SELECT 1` within `timeout`, on a connection of its own
     /// (never one of the writers', so a busy sink does not look like an unreachable database).
     pub async fn ping(&self, timeout: Duration) -> bool {
+        self.succeeds_alone("SELECT 1", timeout).await
+    }
+
+    /// Whether the database takes writes now ([`WRITE_PROBE`]) within `timeout`, on a
+    /// connection of its own: what tells a record the database will not take from a database
+    /// that takes none (a table locked by `ALTER` or `VACUUM FULL`, a full disk, a synchronous
+    /// standby gone, a read-only replica), although it may still answer `SELECT 1`.
+    pub async fn takes_writes(&self, timeout: Duration) -> bool {
+        self.succeeds_alone(WRITE_PROBE, timeout).await
+    }
+
+    /// Runs `sql` (simple query protocol) on a fresh connection; true if it succeeds in time.
+    async fn succeeds_alone(&self, sql: &str, timeout: Duration) -> bool {
         let check = async {
             let (client, connection) = self.database.config.connect(self.database.tls.clone()).await.ok()?;
             let connection = tokio::spawn(connection);
-            let answered = client.simple_query("SELECT 1").await.is_ok();
+            let succeeded = client.batch_execute(sql).await.is_ok();
             drop(client);
             let _ = connection.await;
-            Some(answered)
+            Some(succeeded)
         };
         matches!(tokio::time::timeout(timeout, check).await, Ok(Some(true)))
     }

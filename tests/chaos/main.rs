@@ -575,6 +575,36 @@ async fn a_record_the_database_always_calls_busy_reaches_the_dead_letter_queue_a
     );
 }
 
+#[tokio::test]
+async fn a_table_locked_longer_than_a_batchs_attempts_releases_nothing() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let bodies = synthetic_bodies(500, 115);
+    let sent = env.publish_with_ids(&bodies).await;
+    let mut locker = env.db().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    // Writes time out after 1 s: a batch's 8 attempts run out in ~15 s, well within the lock. The
+    // database still answers `SELECT 1` meanwhile; its records are not what fails.
+    let process = Loginflow::spawn(&env, &["--drain"], &[("FLUSH_TIMEOUT_SECS", "1".to_owned())]);
+    let locked = Duration::from_secs(25);
+    tokio::time::sleep(locked).await;
+    lock.rollback().await.unwrap();
+    let (ok, summary, logs) = process.finish(Duration::from_secs(120)).await;
+    assert!(ok, "the drain finished once the lock was gone: {logs}");
+    assert_eq!(summary["released"], 0, "a locked table is the database being busy, not the records: {summary}");
+    assert!(logs.contains("the database takes no writes now"), "the attempts ran out while locked: {logs}");
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    assert_no_pii(&env, &bodies, &logs).await;
+    println!(
+        "figures: locked_table sent={} locked_secs={} released={} written={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        locked.as_secs(),
+        summary["released"],
+        summary["written"]
+    );
+}
+
 /// What a SIGTERM-under-fault test measured.
 struct SigtermFigures {
     exit_after: Duration,
