@@ -73,9 +73,10 @@ impl Budget {
     }
 
     /// Splits a reservation into one share per body; returns the unused rest to the budget.
-    /// Bodies larger than the reservation (after a jump in body size) need more: the reservation
-    /// is given back and the whole batch waited for at once, because pollers that each held a
-    /// reservation while waiting for more could together hold the budget and wait forever.
+    /// Bodies larger than the reservation (after a jump in body size) need more: taken at once
+    /// if free; otherwise the reservation is given back and the whole batch waited for, because
+    /// pollers that each held a reservation while waiting for more could together hold the
+    /// budget and wait forever. While it waits, its bodies (at most ten) are not counted.
     pub async fn shares_for(&self, reservation: Share, sizes: Vec<usize>) -> Vec<Share> {
         let largest = sizes.iter().copied().max().unwrap_or(0);
         if largest > SMALL_BODY_BYTES {
@@ -85,13 +86,17 @@ impl Budget {
             Some(largest.max(recent - recent / 8).clamp(SMALL_BODY_BYTES, MAX_BODY_BYTES))
         });
         let total: usize = sizes.iter().sum();
-        let mut batch = match reservation.0.num_permits() >= total {
-            true => reservation,
-            false => {
-                drop(reservation);
-                self.acquire(total).await
+        let mut batch = reservation;
+        if let Some(missing) = total.checked_sub(batch.0.num_permits()).filter(|&missing| missing > 0) {
+            // Room at once keeps the bodies counted; otherwise wait without holding anything.
+            match self.semaphore.clone().try_acquire_many_owned(missing.min(self.capacity) as u32) {
+                Ok(more) => batch.0.merge(more),
+                Err(_) => {
+                    drop(batch);
+                    batch = self.acquire(total).await;
+                }
             }
-        };
+        }
         sizes
             .into_iter()
             .map(|size| {
@@ -138,6 +143,17 @@ mod tests {
         let reservation = budget.reserve_batch().await;
         assert_eq!(budget.capacity() - budget.available(), 20 * (MAX_BODY_BYTES - MAX_BODY_BYTES / 8));
         drop(reservation);
+    }
+
+    #[tokio::test]
+    async fn bodies_past_the_reservation_take_free_room_and_stay_counted() {
+        let budget = Budget::new(4 * MAX_BATCH_BYTES);
+        let reservation = budget.reserve_batch().await;
+        let receive = budget.shares_for(reservation, vec![MAX_BODY_BYTES; 10]);
+        let shares = tokio::time::timeout(std::time::Duration::from_millis(50), receive).await.expect("room is free");
+        assert_eq!(budget.available(), budget.capacity() - 10 * MAX_BODY_BYTES);
+        drop(shares);
+        assert_eq!(budget.available(), budget.capacity());
     }
 
     #[tokio::test]
