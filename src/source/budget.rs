@@ -87,9 +87,10 @@ impl Budget {
         });
         let total: usize = sizes.iter().sum();
         let mut batch = reservation;
-        if let Some(missing) = total.checked_sub(batch.0.num_permits()).filter(|&missing| missing > 0) {
+        let held = batch.0.num_permits();
+        if total > held {
             // Room at once keeps the bodies counted; otherwise wait without holding anything.
-            match self.semaphore.clone().try_acquire_many_owned(missing.min(self.capacity) as u32) {
+            match self.semaphore.clone().try_acquire_many_owned((total - held).min(self.capacity) as u32) {
                 Ok(more) => batch.0.merge(more),
                 Err(_) => {
                     drop(batch);
