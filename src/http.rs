@@ -1,5 +1,6 @@
 //! The operations endpoint on METRICS_ADDR: `/metrics`, `/healthz`, `/readyz`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -16,6 +17,14 @@ use crate::sqs;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often histogram samples are folded into buckets between scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a readiness answer is reused: probes from many pollers cost one check.
+const READINESS_CACHE: Duration = Duration::from_secs(1);
+/// Connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 32;
+/// Longest a client may take to send a request's headers (slow or silent clients are dropped).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one connection, idle keep-alive included.
+const CONNECTION_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// The dependencies `/readyz` checks.
 #[derive(Clone)]
@@ -29,6 +38,16 @@ pub struct Probes {
 struct AppState {
     prometheus: PrometheusHandle,
     probes: Probes,
+    /// The last readiness answer and when it was made; the lock lets one check run at a time.
+    readiness: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Readiness)>>>,
+}
+
+/// What `/readyz` found.
+#[derive(Clone, Copy)]
+struct Readiness {
+    database_reachable: bool,
+    database_writable: bool,
+    queue_reachable: bool,
 }
 
 /// Serves the endpoints until `stop` is cancelled.
@@ -49,14 +68,46 @@ pub async fn serve(
             }
         }
     });
+    let state = AppState { prometheus, probes, readiness: Arc::default() };
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
-        .with_state(AppState { prometheus, probes });
-    let result = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-    if let Err(err) = result {
-        tracing::error!(error = %err, "metrics endpoint failed");
+        .with_state(state);
+    accept_loop(listener, app, stop).await;
+}
+
+/// Serves each connection with HTTP/1 under [`HEADER_READ_TIMEOUT`] and [`CONNECTION_MAX_AGE`],
+/// at most [`MAX_CONNECTIONS`] at once, until `stop` is cancelled.
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::warn!(error = %err, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_MAX_AGE, connection) => {}
+                () = stop.cancelled() => {}
+            }
+            drop(slot);
+        });
     }
 }
 
@@ -65,12 +116,36 @@ async fn render_metrics(State(state): State<AppState>) -> String {
 }
 
 async fn readiness(State(state): State<AppState>) -> (StatusCode, String) {
-    let database = state.probes.sink.ping(PROBE_TIMEOUT);
-    let queue = tokio::time::timeout(PROBE_TIMEOUT, sqs::queue_depth(&state.probes.sqs, &state.probes.queue_url));
-    let (database_ok, queue) = tokio::join!(database, queue);
-    let queue_ok = matches!(queue, Ok(Ok(_)));
-    let word = |ok: bool| if ok { "reachable" } else { "unreachable" };
-    let body = format!("database: {}\nqueue: {}\n", word(database_ok), word(queue_ok));
-    let status = if database_ok && queue_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, body)
+    let ready = {
+        let mut last = state.readiness.lock().await;
+        match *last {
+            Some((at, ready)) if at.elapsed() < READINESS_CACHE => ready,
+            _ => {
+                let ready = check(&state.probes).await;
+                *last = Some((tokio::time::Instant::now(), ready));
+                ready
+            }
+        }
+    };
+    let database = match (ready.database_reachable, ready.database_writable) {
+        (false, _) => "unreachable",
+        (true, false) => "not taking writes",
+        (true, true) => "reachable",
+    };
+    let queue = if ready.queue_reachable { "reachable" } else { "unreachable" };
+    let ok = ready.database_reachable && ready.database_writable && ready.queue_reachable;
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, format!("database: {database}\nqueue: {queue}\n"))
+}
+
+/// Checks the database (reachable, and not found refusing writes by the sink) and the queue.
+async fn check(probes: &Probes) -> Readiness {
+    let database = probes.sink.ping(PROBE_TIMEOUT);
+    let queue = tokio::time::timeout(PROBE_TIMEOUT, sqs::queue_depth(&probes.sqs, &probes.queue_url));
+    let (database_reachable, queue) = tokio::join!(database, queue);
+    Readiness {
+        database_reachable,
+        database_writable: probes.sink.is_writable(),
+        queue_reachable: matches!(queue, Ok(Ok(_))),
+    }
 }

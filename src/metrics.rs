@@ -27,6 +27,7 @@ pub const INFLIGHT_MESSAGES: &str = "loginflow_inflight_messages";
 pub const DEDUP_CACHE_ENTRIES: &str = "loginflow_dedup_cache_entries";
 pub const QUEUE_MESSAGES: &str = "loginflow_queue_messages";
 pub const BUILD_INFO: &str = "loginflow_build_info";
+pub const DATABASE_WRITABLE: &str = "loginflow_database_writable";
 
 /// Pipeline stages, the `stage` label.
 pub const STAGES: [&str; 5] = ["source", "decode", "sink", "ack", "visibility"];
@@ -101,6 +102,10 @@ pub fn describe_all() {
         "Approximate messages in the queue, by state (visible, in_flight, delayed)."
     );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_gauge!(
+        DATABASE_WRITABLE,
+        "1 while the database takes writes; 0 while batches are held because it cannot (down, read-only, a privilege or table gone). Alert on 0."
+    );
 }
 
 /// Creates every labelled series at zero, so dashboards and alerts have data before the first event.
@@ -134,6 +139,7 @@ pub fn register_all() {
     }
     gauge!(INFLIGHT_MESSAGES).set(0.0);
     gauge!(DEDUP_CACHE_ENTRIES).set(0.0);
+    gauge!(DATABASE_WRITABLE).set(1.0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -204,7 +210,7 @@ pub(crate) mod tests {
             assert!(value_of(&series, QUEUE_MESSAGES, &[("state", state)]).is_some());
         }
         assert!(value_of(&series, BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))]).is_some());
-        for name in [MESSAGES_RECEIVED, RECORDS_WRITTEN, INFLIGHT_MESSAGES, DEDUP_CACHE_ENTRIES] {
+        for name in [MESSAGES_RECEIVED, RECORDS_WRITTEN, INFLIGHT_MESSAGES, DEDUP_CACHE_ENTRIES, DATABASE_WRITABLE] {
             assert!(value_of(&series, name, &[]).is_some(), "{name}");
         }
     }

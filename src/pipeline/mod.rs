@@ -32,7 +32,7 @@ use crate::decode::{decode, Reason, Rejection};
 use crate::dedup::{Dedup, Fingerprint};
 use crate::mask::{MaskedLogin, Masker, MessageMeta, QuarantineRecord};
 use crate::retry::Backoff;
-use crate::sink::{Committed, Sink, SinkError};
+use crate::sink::{Committed, ErrorClass, Sink, SinkError};
 use crate::source::envelope::{self, InputFormat, Unwrapped};
 use crate::source::{Ack, Budget, Envelope, InFlight, ReceiveSettings, Share};
 use crate::vault::{DataKey, Vault};
@@ -54,6 +54,8 @@ const TASKS_WAIT: Duration = Duration::from_secs(2);
 const WINDOW_ATTEMPTS: u32 = 8;
 /// How long the database has to show it takes writes ([`Sink::takes_writes`]).
 const WRITE_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest record-by-record pass; the records left then wait with the rest of their window.
+const RECORD_PASS_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Errors that stop `run`.
 #[derive(Debug, thiserror::Error)]
@@ -325,35 +327,57 @@ impl Stages {
     /// The window's write, retried with backoff while the database is unavailable or busy;
     /// `None` once shutdown's grace period is over (the write in progress is rolled back).
     ///
-    /// A window that keeps failing while the database takes writes holds something the database
-    /// will not take (a record whose trigger outlasts the statement timeout, or raises a
-    /// "busy" SQLSTATE every time): after [`WINDOW_ATTEMPTS`] it is written one record per
-    /// transaction, and the records that still fail are reported unstorable, to be released
-    /// for the queue's redrive policy instead of held forever. While the database is down or
-    /// takes no writes (a locked table, a full disk), the window waits for it, however long.
+    /// While the database cannot take writes ([`ErrorClass::Unavailable`]: down, read-only, a
+    /// privilege or table gone) the window is held, however long: the SQLSTATE is logged,
+    /// `loginflow_database_writable` is 0 and `/readyz` says not ready; nothing is released.
+    /// A window that keeps failing while the database takes writes (a probe that writes shows
+    /// it) holds something the database will not take (a record whose trigger outlasts the
+    /// statement timeout, or raises a "busy" SQLSTATE every time): after [`WINDOW_ATTEMPTS`] it
+    /// is written one record per transaction, and the records that still fail are reported
+    /// unstorable, to be released for the queue's redrive policy instead of held forever.
     async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
         let mut backoff = Backoff::new(self.max_backoff);
         let mut failures = 0;
+        let mut pending = Pending { logins: &window.logins, quarantine: &window.quarantine };
+        let mut committed = Committed::default();
         loop {
-            match self.sink.write(&window.logins, &window.quarantine, &self.abort).await {
-                Ok(committed) => return Some(committed),
+            match self.sink.write(pending.logins, pending.quarantine, &self.abort).await {
+                Ok(done) => {
+                    self.sink.set_writable(true);
+                    committed.add(done);
+                    return Some(committed);
+                }
                 Err(SinkError::Cancelled) => return None,
                 Err(err) => {
+                    let class = err.class();
                     metrics::error("sink", "transient");
                     metrics::retry("sink");
                     failures += 1;
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %crate::error_chain(&err), ?delay, messages = window.acks.len(),
-                                   "batch not committed; retrying");
+                    if class == ErrorClass::Unavailable {
+                        self.sink.set_writable(false);
+                    }
+                    tracing::warn!(error = %crate::error_chain(&err), sqlstate = err.sqlstate(), ?class, ?delay,
+                                   messages = pending.len(), "batch not committed; the database cannot take it now, retrying");
                     if failures >= WINDOW_ATTEMPTS {
                         let takes_writes = tokio::select! {
                             takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
                             _ = self.abort.cancelled() => return None,
                         };
                         if takes_writes {
-                            return self.write_record_by_record(window).await;
+                            match self.write_record_by_record(&mut pending, &mut committed).await {
+                                PassEnd::Done => return Some(committed),
+                                PassEnd::Cancelled => return None,
+                                // The rest waits for the database again, with fresh attempts.
+                                PassEnd::Held => failures = 0,
+                            }
+                        } else {
+                            tracing::warn!(
+                                failures,
+                                sqlstate = err.sqlstate(),
+                                "the database takes no writes now; the batch waits for it"
+                            );
                         }
-                        tracing::warn!(failures, "the database takes no writes now; the batch waits for it");
                     }
                     tokio::select! {
                         _ = self.abort.cancelled() => return None,
@@ -364,30 +388,85 @@ impl Stages {
         }
     }
 
-    /// Writes each record of `window` in its own transaction, once; a record whose write
-    /// fails is reported unstorable. `None` once shutdown's grace period is over.
-    async fn write_record_by_record(&self, window: &Window) -> Option<Committed> {
+    /// Writes each pending record in its own transaction, once, advancing `pending` past it; a
+    /// record whose write fails while the database takes writes is reported unstorable. Stops
+    /// ([`PassEnd::Held`]) when the database stops taking writes, or when the pass has run for
+    /// [`RECORD_PASS_DEADLINE`]: the records left then wait with the rest of the window.
+    async fn write_record_by_record(&self, pending: &mut Pending<'_>, committed: &mut Committed) -> PassEnd {
         tracing::warn!(
-            messages = window.acks.len(),
+            messages = pending.len(),
             attempts = WINDOW_ATTEMPTS,
             "the database takes writes but this batch keeps failing; writing its records one by one"
         );
-        let mut committed = Committed::default();
-        let logins = window.logins.iter().map(|login| (std::slice::from_ref(login), &[][..], &login.message_id));
-        let quarantine =
-            window.quarantine.iter().map(|record| (&[][..], std::slice::from_ref(record), &record.message_id));
-        for (logins, quarantine, message_id) in logins.chain(quarantine) {
+        let deadline = tokio::time::Instant::now() + RECORD_PASS_DEADLINE;
+        while let Some((record, rest)) = pending.split_first() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    left = pending.len(),
+                    "record-by-record pass out of time; the rest waits and is retried"
+                );
+                return PassEnd::Held;
+            }
+            let (logins, quarantine, message_id) = record;
             match self.sink.write(logins, quarantine, &self.abort).await {
                 Ok(done) => committed.add(done),
-                Err(SinkError::Cancelled) => return None,
+                Err(SinkError::Cancelled) => return PassEnd::Cancelled,
                 Err(err) => {
-                    tracing::warn!(error = %crate::error_chain(&err), %message_id, "record not stored after every attempt");
-                    committed.unstorable.push(message_id.clone());
+                    let takes_writes = tokio::select! {
+                        takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
+                        _ = self.abort.cancelled() => return PassEnd::Cancelled,
+                    };
+                    if !takes_writes {
+                        tracing::warn!(
+                            sqlstate = err.sqlstate(),
+                            left = pending.len(),
+                            "the database stopped taking writes; the rest of the batch waits for it"
+                        );
+                        return PassEnd::Held;
+                    }
+                    tracing::warn!(error = %crate::error_chain(&err), sqlstate = err.sqlstate(), %message_id,
+                                   "record not stored after every attempt");
+                    committed.unstorable.push(message_id.to_owned());
                 }
             }
+            *pending = rest;
         }
-        Some(committed)
+        PassEnd::Done
     }
+}
+
+/// The records of a window not yet stored: always a suffix of its logins, then of its quarantine records.
+#[derive(Clone, Copy)]
+struct Pending<'a> {
+    logins: &'a [MaskedLogin],
+    quarantine: &'a [QuarantineRecord],
+}
+
+impl<'a> Pending<'a> {
+    fn len(&self) -> usize {
+        self.logins.len() + self.quarantine.len()
+    }
+
+    /// The first record alone (as slices the sink takes, with its message id), and what follows it.
+    #[allow(clippy::type_complexity)]
+    fn split_first(&self) -> Option<((&'a [MaskedLogin], &'a [QuarantineRecord], &'a str), Pending<'a>)> {
+        if let Some((login, logins)) = self.logins.split_first() {
+            let first = (std::slice::from_ref(login), &[][..], login.message_id.as_str());
+            return Some((first, Pending { logins, quarantine: self.quarantine }));
+        }
+        let (record, quarantine) = self.quarantine.split_first()?;
+        Some(((&[][..], std::slice::from_ref(record), record.message_id.as_str()), Pending { logins: &[], quarantine }))
+    }
+}
+
+/// How a record-by-record pass ended.
+enum PassEnd {
+    /// Every record was stored or found unstorable.
+    Done,
+    /// Shutdown's grace period is over.
+    Cancelled,
+    /// The database stopped taking writes, or the pass ran out of time: the rest waits.
+    Held,
 }
 
 /// Runs the pipeline until `shutdown` resolves, or, with `--drain`, until the queue is empty

@@ -1,5 +1,11 @@
-//! The one classification of database errors: is the database unavailable or busy
-//! (retry the whole window later), or is the error about a record (isolate it)?
+//! The one classification of database errors: did this record's values cause it, or is the
+//! database in a condition where it cannot take this write now, for anyone?
+//!
+//! | class | SQLSTATEs | what the sink does |
+//! |---|---|---|
+//! | [`ErrorClass::Record`] | everything not below: data exceptions (22), constraints (23), a trigger's `RAISE` (P0001), row-level security's check (44000), ... | the window is split until the failing records stand alone; each is quarantined as `db_rejected` and the rest commits |
+//! | [`ErrorClass::Busy`] | 40001, 40P01, 55P03, 57014 (and a write that outlasts its deadline) | the whole window is retried with backoff; a record that keeps causing it while the database takes writes is, after bounded attempts, released for the redrive policy |
+//! | [`ErrorClass::Unavailable`] | 08, 53, 58, XX, 57P, 3D000, 3F000 (down, out of resources, shutting down, gone); class 25 (read-only, ...), 42501 (privilege), 42P01 / 42703 (a table or column gone): it refuses writes; any error without a SQLSTATE (I/O, closed connection) | the window is held: retried with backoff for as long as it lasts, `/readyz` not ready, nothing quarantined, nothing released |
 //!
 //! Every caller asks [`classify`]; none re-derives the rule.
 
@@ -8,43 +14,58 @@ use tokio_postgres::error::SqlState;
 /// What a database error says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// The database cannot take the write now: connection or I/O failure, a timeout,
-    /// resources exhausted, shutting down, a serialization failure or deadlock, a lock
-    /// not available. The window is retried with backoff.
-    Unavailable,
-    /// The database refused something in the window's data (a constraint, a trigger's
-    /// `RAISE`, row-level security, a deferred constraint at `COMMIT`, ...). The window is
-    /// split until the failing records stand alone; each is quarantined.
+    /// The database refused something in the record's values. Costs only that record.
     Record,
+    /// Contention: a serialization failure, a deadlock, a lock not available, a statement
+    /// cancelled by its timeout. Retried; a record that provokes it every time (a trigger) is
+    /// released after bounded attempts.
+    Busy,
+    /// The database cannot take this write now, for anyone: down, out of resources, or
+    /// refusing writes (read-only, a privilege revoked, a table or column gone). Held.
+    Unavailable,
 }
 
-/// SQLSTATE classes (first two characters) that mean unavailable or busy.
-const UNAVAILABLE_CLASSES: [&str; 4] = [
+impl ErrorClass {
+    /// Whether the whole window is retried (not split record by record).
+    pub fn retries_window(self) -> bool {
+        self != ErrorClass::Record
+    }
+}
+
+/// SQLSTATE classes (first two characters) of a database that cannot take writes now.
+const UNAVAILABLE_CLASSES: [&str; 6] = [
     "08", // connection exception
+    "25", // invalid transaction state: 25006 read_only_sql_transaction (a demoted primary, a standby)
     "53", // insufficient resources (disk full, out of memory, too many connections)
+    "57", // operator intervention: admin or crash shutdown, cannot connect now, database dropped
     "58", // system error (I/O error)
     "XX", // internal error
 ];
 
-/// Single SQLSTATEs outside those classes that mean unavailable or busy.
-const UNAVAILABLE_CODES: [&str; 9] = [
+/// Single SQLSTATEs of a database that cannot take writes now: the schema or privileges changed under the sink.
+const UNAVAILABLE_CODES: [&str; 5] = [
+    "42501", // insufficient_privilege (INSERT revoked)
+    "42P01", // undefined_table (renamed or dropped)
+    "42703", // undefined_column
+    "3D000", // invalid_catalog_name (database gone)
+    "3F000", // invalid_schema_name
+];
+
+/// Contention, which a single record can provoke too (a trigger raising it).
+const BUSY_CODES: [&str; 4] = [
     "40001", // serialization_failure
     "40P01", // deadlock_detected
     "55P03", // lock_not_available
-    "57014", // query_canceled (statement_timeout)
-    "57P01", // admin_shutdown
-    "57P02", // crash_shutdown
-    "57P03", // cannot_connect_now
-    "57P04", // database_dropped
-    "57P05", // idle_session_timeout
+    "57014", // query_canceled (statement_timeout); checked before class 57
 ];
 
 /// Classifies a SQLSTATE code.
 pub fn classify_sqlstate(code: &str) -> ErrorClass {
-    let unavailable = UNAVAILABLE_CODES.contains(&code)
+    if BUSY_CODES.contains(&code) {
+        ErrorClass::Busy
+    } else if UNAVAILABLE_CODES.contains(&code)
         || code.get(..2).is_some_and(|class| UNAVAILABLE_CLASSES.contains(&class))
-        || code.starts_with("57P");
-    if unavailable {
+    {
         ErrorClass::Unavailable
     } else {
         ErrorClass::Record
@@ -70,12 +91,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unavailable_or_busy_codes_retry() {
+    fn a_database_that_cannot_take_writes_is_unavailable() {
         for code in [
-            "08000", "08003", "08006", "08001", "08004", "53000", "53100", "53200", "53300", "58030", "XX000", "40001",
-            "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "57P04", "57P05",
+            "08000", "08003", "08006", "08001", "08004", "53000", "53100", "53200", "53300", "58030", "XX000", "57P01",
+            "57P02", "57P03", "57P04", "57P05", "25006", "25001", "25P02", "42501", "42P01", "42703", "3D000", "3F000",
         ] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Unavailable, "{code}");
+        }
+    }
+
+    #[test]
+    fn contention_is_busy() {
+        for code in ["40001", "40P01", "55P03", "57014"] {
+            assert_eq!(classify_sqlstate(code), ErrorClass::Busy, "{code}");
         }
     }
 
@@ -88,7 +116,6 @@ mod tests {
             "23514", // check_violation
             "23503", // foreign_key_violation (a deferred one fails at COMMIT)
             "P0001", // raise_exception (a trigger's RAISE)
-            "42501", // insufficient_privilege (row-level security)
             "44000", // with_check_option_violation
             "2BP01", // dependent_objects_still_exist
             "55000", // object_not_in_prerequisite_state

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::mask::{MaskedLogin, QuarantineRecord};
 use crate::vault::Sealed;
 pub use connect::Database;
-use errors::{classify, sqlstate, ErrorClass};
+pub use errors::ErrorClass;
+use errors::{classify, sqlstate};
 
 /// Default deadline of one window's write, all its transactions included.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -127,13 +128,21 @@ pub async fn take_erasure_lock(tx: &tokio_postgres::Transaction<'_>) -> Result<(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ERASURE_LOCK_ID]).await.map(drop)
 }
 
-/// A transaction that writes nothing but needs what a write needs: the writers' lock on every
-/// table the sink writes, without waiting for it, and a transaction id, committed.
+/// A transaction that needs what a real write needs and is rolled back: the writers' lock on
+/// every table the sink writes, without waiting for it, and a row in each (so a read-only
+/// database, a revoked privilege, a table or column gone fail it). `{id}` is replaced by a fresh
+/// UUID, so probes of several replicas never wait on each other's rows.
 const WRITE_PROBE: &str = "\
 BEGIN;
-LOCK TABLE user_logins, user_logins_quarantine, user_logins_pii IN ROW EXCLUSIVE MODE NOWAIT;
-SELECT txid_current();
-COMMIT";
+LOCK TABLE user_logins, user_logins_quarantine, user_logins_pii, pii_data_keys IN ROW EXCLUSIVE MODE NOWAIT;
+INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
+                         app_version, app_version_text, create_date, sent_at, mask_key_id, transform_version)
+    VALUES ('write-probe:{id}', 'write-probe', 'probe', 'probe', 'probe', NULL, 10, '0.0', current_date, now(), 'probe', 'probe');
+INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sent_at, mask_key_id, transform_version)
+    VALUES ('write-probe:{id}', 'write_probe', NULL, '{}', now(), 'probe', 'probe');
+INSERT INTO pii_data_keys (id, kms_key_id, wrapped_key) VALUES ('{id}', 'write-probe', '\\x00');
+INSERT INTO user_logins_pii (message_id, data_key_id) VALUES ('write-probe:{id}', '{id}');
+ROLLBACK";
 
 /// loginflow's version, recorded on every row (`transform_version`).
 pub const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -152,6 +161,25 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// What the error says of the database ([`errors::classify`]): a write that outlasts its
+    /// deadline is contention; no connection at all, the database unavailable.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Database(err) => classify(err),
+            SinkError::Pool(_) => ErrorClass::Unavailable,
+            SinkError::Timeout(_) | SinkError::Cancelled => ErrorClass::Busy,
+        }
+    }
+
+    /// The SQLSTATE, for logs (`none` when the error did not come from the server).
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            SinkError::Database(err) => sqlstate(err),
+            SinkError::Pool(deadpool_postgres::PoolError::Backend(err)) => sqlstate(err),
+            _ => "none",
+        }
+    }
+
     /// A connection refused for a reason retrying cannot fix: the server's certificate is not
     /// trusted by the TLS settings, or authentication failed.
     pub fn needs_operator(&self) -> bool {
@@ -215,6 +243,8 @@ pub struct Sink {
     pool: Pool,
     database: Database,
     flush_timeout: Duration,
+    /// See [`Sink::is_writable`]; shared by every clone.
+    writable: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Sink {
@@ -242,7 +272,8 @@ impl Sink {
             .wait_timeout(Some(POOL_WAIT_TIMEOUT))
             .build()
             .expect("runtime is set, so timeouts are valid");
-        Sink { pool, database, flush_timeout }
+        let writable = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        Sink { pool, database, flush_timeout, writable }
     }
 
     /// Creates or upgrades the schema.
@@ -254,28 +285,51 @@ impl Sink {
     /// Whether the database answers `SELECT 1` within `timeout`, on a connection of its own
     /// (never one of the writers', so a busy sink does not look like an unreachable database).
     pub async fn ping(&self, timeout: Duration) -> bool {
-        self.succeeds_alone("SELECT 1", timeout).await
+        matches!(self.run_alone("SELECT 1", timeout).await, Some(Ok(())))
     }
 
     /// Whether the database takes writes now ([`WRITE_PROBE`]) within `timeout`, on a
-    /// connection of its own: what tells a record the database will not take from a database
-    /// that takes none (a table locked by `ALTER` or `VACUUM FULL`, a full disk, a synchronous
-    /// standby gone, a read-only replica), although it may still answer `SELECT 1`.
+    /// connection of its own. A probe row refused for its values (a trigger's `RAISE`, a
+    /// constraint) still shows a database that takes writes; any other failure (read-only, a
+    /// privilege or table gone, a lock held, no connection, no answer in time) shows one that
+    /// does not.
     pub async fn takes_writes(&self, timeout: Duration) -> bool {
-        self.succeeds_alone(WRITE_PROBE, timeout).await
+        let probe = WRITE_PROBE.replace("{id}", &uuid::Uuid::new_v4().to_string());
+        let takes_writes = match self.run_alone(&probe, timeout).await {
+            Some(Ok(())) => true,
+            Some(Err(err)) => classify(&err) == ErrorClass::Record,
+            None => false,
+        };
+        self.set_writable(takes_writes);
+        takes_writes
     }
 
-    /// Runs `sql` (simple query protocol) on a fresh connection; true if it succeeds in time.
-    async fn succeeds_alone(&self, sql: &str, timeout: Duration) -> bool {
+    /// Whether the last write committed (or the last probe passed): false while the database
+    /// cannot take writes. `/readyz` reports it.
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records whether the database takes writes (the `loginflow_database_writable` gauge too).
+    pub fn set_writable(&self, writable: bool) {
+        let was = self.writable.swap(writable, std::sync::atomic::Ordering::Relaxed);
+        if was != writable {
+            crate::metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Runs `sql` (simple query protocol) on a fresh connection: its outcome, or `None` when
+    /// no connection was made or no answer came within `timeout`.
+    async fn run_alone(&self, sql: &str, timeout: Duration) -> Option<Result<(), tokio_postgres::Error>> {
         let check = async {
             let (client, connection) = self.database.config.connect(self.database.tls.clone()).await.ok()?;
             let connection = tokio::spawn(connection);
-            let succeeded = client.batch_execute(sql).await.is_ok();
+            let outcome = client.batch_execute(sql).await;
             drop(client);
             let _ = connection.await;
-            Some(succeeded)
+            Some(outcome)
         };
-        matches!(tokio::time::timeout(timeout, check).await, Ok(Some(true)))
+        tokio::time::timeout(timeout, check).await.ok().flatten()
     }
 
     /// A pooled connection, for tests and tools.
@@ -341,8 +395,12 @@ impl Sink {
             }
             () = cancel.cancelled() => Err(SinkError::Cancelled),
         };
-        if matches!(outcome, Err(SinkError::Timeout(_) | SinkError::Cancelled)) {
-            discard(client, self.database.tls.clone());
+        match &outcome {
+            Err(SinkError::Timeout(_) | SinkError::Cancelled) => discard(client, self.database.tls.clone()),
+            // A session of a database that took no writes may never take them (a demoted primary,
+            // `default_transaction_read_only` read at connect): the next attempt connects afresh.
+            Err(err) if err.class() == ErrorClass::Unavailable => drop(Object::take(client)),
+            _ => {}
         }
         outcome
     }
@@ -464,7 +522,7 @@ async fn store_isolating<'a>(
         }
         match write_transaction(client, mode, part).await {
             Ok(done) => committed.add(done),
-            Err(err) if classify(&err) == ErrorClass::Unavailable => return Err(err),
+            Err(err) if classify(&err).retries_window() => return Err(err),
             Err(err) => match (part.logins, part.quarantine) {
                 ([login], []) => refused.push(Refused::Login(login, sqlstate(&err).to_owned())),
                 ([], [record]) => refused.push(Refused::Quarantine(record)),

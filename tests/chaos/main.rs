@@ -793,3 +793,164 @@ async fn visibility_extensions_failing_for_a_while_cause_no_redelivery() {
         summary["duplicates"]
     );
 }
+
+/// Where a fault's SQL runs: the cluster's `postgres` database (for `ALTER DATABASE`, which a
+/// read-only session cannot run), or the test's own database.
+#[derive(Clone, Copy)]
+enum On {
+    Admin,
+    TestDb,
+}
+
+async fn run_fault(env: &TestEnv, on: On, sql: &str) {
+    let url = match on {
+        On::Admin => std::env::var("LOGINFLOW_TEST_DATABASE_URL").expect("admin URL"),
+        On::TestDb => env.database_url.clone(),
+    };
+    let database = env.database_url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    connect(&url).await.batch_execute(&sql.replace("$DB", database)).await.expect("fault SQL runs");
+}
+
+/// What a write-refusal test measured.
+struct RefusalFigures {
+    sent: usize,
+    sent_during: usize,
+    readyz_during: String,
+    writable_gauge_during: String,
+    resume: Duration,
+    summary: Value,
+    lost: usize,
+    duplicated: usize,
+}
+
+/// Drains 3 000 messages, and 200 more sent while the database refuses writes for `spell`
+/// (`begin` until `end`); loginflow connects with `settings` (a role, say). Nothing may be
+/// quarantined for the spell, nothing released to the redrive policy (visibility 5 s and five
+/// receives would move released messages to the DLQ within the spell), `/readyz` must say so,
+/// and every message is stored once after it.
+async fn drain_while_writes_are_refused(
+    env: &TestEnv,
+    seed: u64,
+    settings: &[(&str, String)],
+    begin: (On, &str),
+    end: (On, &str),
+    spell: Duration,
+    sqlstate: &str,
+) -> RefusalFigures {
+    let bodies = synthetic_bodies(3_000, seed);
+    let mut sent = env.publish_with_ids(&bodies).await;
+    let port = free_port();
+    let mut settings = settings.to_vec();
+    settings.extend([
+        ("VISIBILITY_TIMEOUT_SECS", "5".to_owned()),
+        ("BATCH_MAX_ROWS", "100".to_owned()),
+        ("METRICS_ADDR", format!("127.0.0.1:{port}")),
+    ]);
+    let mut process = Loginflow::spawn(env, &["--drain"], &settings);
+    wait_for_rows(env, 200).await;
+    run_fault(env, begin.0, begin.1).await;
+    let during = synthetic_bodies(200, seed + 1000);
+    sent.extend(env.publish_with_ids(&during).await);
+    // Long enough for a batch's attempts to run out and the write probe to be asked.
+    tokio::time::sleep(spell.min(Duration::from_secs(15))).await;
+    let (_, readyz_during) = http_get(port, "/readyz").await.expect("/readyz answers");
+    let (_, metrics) = http_get(port, "/metrics").await.expect("/metrics answers");
+    let writable_gauge_during =
+        metrics.lines().find(|l| l.starts_with("loginflow_database_writable ")).unwrap_or("missing").to_owned();
+    tokio::time::sleep(spell.saturating_sub(Duration::from_secs(15))).await;
+    assert!(process.is_running(), "loginflow kept running while the database refused writes");
+    let rows_before = row_count(env).await;
+    run_fault(env, end.0, end.1).await;
+    let resume = time_to_progress(env, rows_before).await;
+    let (ok, summary, logs) = process.finish(Duration::from_secs(240)).await;
+    assert!(ok, "drain finished once the database took writes again: {logs}");
+    assert!(readyz_during.contains("database: not taking writes"), "/readyz during the spell: {readyz_during}");
+    assert_eq!(writable_gauge_during, "loginflow_database_writable 0");
+    assert!(logs.contains(sqlstate), "a log line names SQLSTATE {sqlstate}");
+    let dead = env.take_dead_letters().await;
+    assert!(dead.is_empty(), "nothing reaches the DLQ: {} did", dead.len());
+    assert_eq!(summary["released"], 0, "nothing released to the redrive policy: {summary}");
+    assert!(db_rejected(env).await.is_empty(), "nothing quarantined for the database's condition");
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    let mut all = bodies;
+    all.extend(during);
+    assert_no_pii(env, &all, &logs).await;
+    RefusalFigures {
+        sent: sent.len(),
+        sent_during: 200,
+        readyz_during,
+        writable_gauge_during,
+        resume,
+        summary,
+        lost,
+        duplicated,
+    }
+}
+
+fn print_refusal(name: &str, spell: Duration, f: &RefusalFigures) {
+    println!(
+        "figures: {name} sent={} sent_during={} spell_secs={} readyz_during={:?} gauge_during={:?} resume_secs={:.1} written={} quarantined={} released={} dead_lettered=0 lost={} duplicated={}",
+        f.sent,
+        f.sent_during,
+        spell.as_secs(),
+        f.readyz_during.trim(),
+        f.writable_gauge_during,
+        f.resume.as_secs_f64(),
+        f.summary["written"],
+        f.summary["quarantined"],
+        f.summary["released"],
+        f.lost,
+        f.duplicated
+    );
+}
+
+#[tokio::test]
+async fn a_read_only_database_for_40_seconds_holds_every_message_and_stores_them_after() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    // What a demoted primary or a managed instance with a full disk looks like: sessions end,
+    // and the new ones refuse writes (25006).
+    let begin = "ALTER DATABASE $DB SET default_transaction_read_only = on;
+        SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '$DB' AND pid <> pg_backend_pid();";
+    let end = "ALTER DATABASE $DB RESET default_transaction_read_only";
+    let spell = Duration::from_secs(40);
+    let f = drain_while_writes_are_refused(&env, 120, &[], (On::Admin, begin), (On::Admin, end), spell, "25006").await;
+    print_refusal("read_only", spell, &f);
+}
+
+#[tokio::test]
+async fn a_revoked_insert_privilege_holds_every_message_until_it_is_granted_again() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let role = format!("lf_writer_{}", uuid::Uuid::new_v4().simple());
+    run_fault(
+        &env,
+        On::TestDb,
+        &format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
+        ),
+    )
+    .await;
+    let url = env.database_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let revoke = format!("REVOKE INSERT ON user_logins FROM {role}");
+    let grant = format!("GRANT INSERT ON user_logins TO {role}");
+    let spell = Duration::from_secs(20);
+    let settings = [("DATABASE_URL", url)];
+    let f = drain_while_writes_are_refused(&env, 121, &settings, (On::TestDb, &revoke), (On::TestDb, &grant), spell, "42501")
+        .await;
+    print_refusal("revoked_privilege", spell, &f);
+}
+
+#[tokio::test]
+async fn a_table_renamed_away_and_back_holds_every_message_meanwhile() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let away = "ALTER TABLE user_logins RENAME TO user_logins_away";
+    let back = "ALTER TABLE user_logins_away RENAME TO user_logins";
+    let spell = Duration::from_secs(20);
+    let f =
+        drain_while_writes_are_refused(&env, 122, &[], (On::TestDb, away), (On::TestDb, back), spell, "42P01").await;
+    print_refusal("table_renamed", spell, &f);
+}
