@@ -36,6 +36,7 @@ fn envelopes() -> Vec<Envelope> {
                 body: body.to_string(),
                 sent_at: Utc::now(),
                 share: None,
+                forged_copy_id: false,
             }
         })
         .collect()

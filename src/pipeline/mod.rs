@@ -108,7 +108,13 @@ impl Transform {
     }
 
     fn process_one(&self, mut envelope: Envelope, key: Option<&DataKey>) -> Item {
-        let unwrapped = envelope::unwrap(&envelope.body, self.input_format);
+        let unwrapped = match envelope.forged_copy_id {
+            true => Err(Rejection {
+                reason: Reason::InvalidEnvelope,
+                detail: Some(crate::redrive::ORIGINAL_ID_ATTRIBUTE.to_owned()),
+            }),
+            false => envelope::unwrap(&envelope.body, self.input_format),
+        };
         if let Ok(Unwrapped::Sns { key, .. }) = &unwrapped {
             // The SNS id is the idempotency key: the same notification delivered twice is one row.
             envelope.ack.message_id = key.clone();
@@ -705,6 +711,7 @@ mod tests {
             body: body.into(),
             sent_at: Utc::now(),
             share: None,
+            forged_copy_id: false,
         }
     }
 

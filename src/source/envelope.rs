@@ -31,12 +31,14 @@ pub enum Unwrapped<'a> {
     Sns { key: String, message: String },
 }
 
+/// The envelope's own fields, each kept as whatever JSON it holds.
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct Notification {
     #[serde(rename = "Type")]
-    kind: String,
-    message_id: Option<String>,
+    kind: Option<serde_json::Value>,
+    message_id: Option<serde_json::Value>,
+    topic_arn: Option<serde_json::Value>,
     message: Option<serde_json::Value>,
 }
 
@@ -50,28 +52,66 @@ pub fn event<'a>(received: &'a str, unwrapped: &'a Result<Unwrapped<'_>, Rejecti
     }
 }
 
-/// Unwraps an SNS envelope per `format`. A body that claims to be an envelope but is broken
-/// (not a notification, no `MessageId`, `Message` missing or not a string) is rejected as
-/// `invalid_envelope`, and quarantined whole like any other body.
+/// An id in the shape its issuer gives (SQS and SNS both issue UUIDs), in canonical
+/// lower-case form; `None` for anything else, which is then not used as an id anywhere.
+pub fn issued_id(text: &str) -> Option<String> {
+    if text.len() != 36 {
+        return None;
+    }
+    uuid::Uuid::try_parse(text).ok().map(|id| id.hyphenated().to_string())
+}
+
+/// Unwraps an SNS envelope per `format`. With [`InputFormat::Auto`] a body is an envelope only
+/// when it has the envelope's own fields together (`Type` = `Notification`, `MessageId`,
+/// `TopicArn`, `Message`); anything else is an event (a raw event with an extra `TopicArn`
+/// included). An envelope whose `MessageId` is not a UUID (SNS's shape) or whose `Message` is not a
+/// string is rejected as `invalid_envelope`, and quarantined whole like any other body.
 pub fn unwrap(body: &str, format: InputFormat) -> Result<Unwrapped<'_>, Rejection> {
-    let looks_like_envelope = body.contains("\"TopicArn\"");
-    match format {
-        InputFormat::Raw => return Ok(Unwrapped::Raw(body)),
-        InputFormat::Auto if !looks_like_envelope => return Ok(Unwrapped::Raw(body)),
-        _ => {}
-    }
     let broken = |field: &str| Rejection { reason: Reason::InvalidEnvelope, detail: Some(field.to_owned()) };
-    let notification: Notification = serde_json::from_str(body).map_err(|_| broken("envelope"))?;
-    if notification.kind != "Notification" {
-        return Err(broken("Type"));
-    }
-    let key = match notification.message_id {
-        Some(id) if !id.is_empty() => format!("{SNS_ID_PREFIX}{id}"),
-        _ => return Err(broken("MessageId")),
+    let notification = match format {
+        InputFormat::Raw => return Ok(Unwrapped::Raw(body)),
+        // Cheap first: nearly every raw event lacks the field altogether.
+        InputFormat::Auto if !body.contains("\"TopicArn\"") => return Ok(Unwrapped::Raw(body)),
+        InputFormat::Auto => match serde_json::from_str::<Notification>(body) {
+            Ok(n) if n.is_complete() => n,
+            _ => return Ok(Unwrapped::Raw(body)),
+        },
+        InputFormat::Sns => {
+            let n: Notification = serde_json::from_str(body).map_err(|_| broken("envelope"))?;
+            if let Some(field) = n.missing_field() {
+                return Err(broken(field));
+            }
+            n
+        }
+    };
+    let key = match notification.message_id.as_ref().and_then(serde_json::Value::as_str).and_then(issued_id) {
+        Some(id) => format!("{SNS_ID_PREFIX}{id}"),
+        None => return Err(broken("MessageId")),
     };
     match notification.message {
         Some(serde_json::Value::String(message)) => Ok(Unwrapped::Sns { key, message }),
         _ => Err(broken("Message")),
+    }
+}
+
+impl Notification {
+    /// The first of the envelope's own fields that is absent (or, for `Type`, not `Notification`).
+    fn missing_field(&self) -> Option<&'static str> {
+        if self.kind.as_ref().and_then(serde_json::Value::as_str) != Some("Notification") {
+            Some("Type")
+        } else if self.message_id.is_none() {
+            Some("MessageId")
+        } else if self.topic_arn.is_none() {
+            Some("TopicArn")
+        } else if self.message.is_none() {
+            Some("Message")
+        } else {
+            None
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.missing_field().is_none()
     }
 }
 
@@ -81,16 +121,21 @@ mod tests {
 
     const EVENT: &str =
         r#"{"user_id":"u","app_version":"1.0","device_type":"ios","ip":"1.2.3.4","locale":null,"device_id":"1"}"#;
+    const SNS_ID: &str = "5f1c2b3a-0d4e-4f60-8a7b-9c0d1e2f3a4b";
 
-    fn envelope(message: &serde_json::Value) -> String {
+    fn envelope_with_id(id: &serde_json::Value, message: &serde_json::Value) -> String {
         serde_json::json!({
             "Type": "Notification",
-            "MessageId": "5f1c-sns",
+            "MessageId": id,
             "TopicArn": "arn:aws:sns:us-east-1:000000000000:logins",
             "Message": message,
             "Timestamp": "2026-11-24T10:00:00.000Z",
         })
         .to_string()
+    }
+
+    fn envelope(message: &serde_json::Value) -> String {
+        envelope_with_id(&SNS_ID.into(), message)
     }
 
     #[test]
@@ -99,10 +144,15 @@ mod tests {
         for format in [InputFormat::Auto, InputFormat::Sns] {
             assert_eq!(
                 unwrap(&body, format).unwrap(),
-                Unwrapped::Sns { key: "sns:5f1c-sns".into(), message: EVENT.into() }
+                Unwrapped::Sns { key: format!("sns:{SNS_ID}"), message: EVENT.into() }
             );
         }
         assert_eq!(unwrap(&body, InputFormat::Raw).unwrap(), Unwrapped::Raw(&body));
+        let upper = envelope_with_id(&SNS_ID.to_uppercase().into(), &EVENT.into());
+        assert_eq!(
+            unwrap(&upper, InputFormat::Auto).unwrap(),
+            Unwrapped::Sns { key: format!("sns:{SNS_ID}"), message: EVENT.into() }
+        );
     }
 
     #[test]
@@ -121,16 +171,55 @@ mod tests {
     }
 
     #[test]
-    fn broken_envelopes_are_rejected_with_the_field_at_fault() {
-        let no_message = envelope(&serde_json::Value::Null).replace("\"Message\":null,", "");
-        let not_a_string = envelope(&serde_json::json!({"ip": "1.2.3.4"}));
-        let no_id = envelope(&serde_json::Value::String(EVENT.into())).replace("\"MessageId\":\"5f1c-sns\",", "");
-        let whole = envelope(&serde_json::Value::String(EVENT.into()));
-        let truncated = whole[..whole.len() - 20].to_owned();
-        for (body, field) in
-            [(no_message, "Message"), (not_a_string, "Message"), (no_id, "MessageId"), (truncated, "envelope")]
-        {
+    fn a_raw_event_with_some_envelope_fields_is_a_raw_event() {
+        let with_topic = EVENT.replacen('{', r#"{"TopicArn":"arn:aws:sns:us-east-1:0:t","#, 1);
+        let with_more = EVENT.replacen('{', r#"{"TopicArn":"t","MessageId":"203.0.113.7","Type":"Notification","#, 1);
+        let other_type = envelope(&EVENT.into()).replace("\"Notification\"", "\"SubscriptionConfirmation\"");
+        for body in [with_topic, with_more, other_type] {
+            assert_eq!(unwrap(&body, InputFormat::Auto).unwrap(), Unwrapped::Raw(&body), "{body}");
+        }
+    }
+
+    #[test]
+    fn an_sns_id_not_shaped_as_sns_issues_it_is_no_id() {
+        let long = "7".repeat(3_000);
+        for id in [
+            serde_json::json!("203.0.113.7"),
+            serde_json::json!("sns-valid"),
+            serde_json::json!(long),
+            serde_json::json!(""),
+            serde_json::json!(42),
+            serde_json::json!({"id": SNS_ID}),
+            serde_json::json!(format!("{{{SNS_ID}}}")),
+            serde_json::json!(SNS_ID.replace('-', "")),
+        ] {
+            let body = envelope_with_id(&id, &EVENT.into());
             let rejection = unwrap(&body, InputFormat::Auto).unwrap_err();
+            assert_eq!(
+                (rejection.reason, rejection.detail.as_deref()),
+                (Reason::InvalidEnvelope, Some("MessageId")),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn broken_envelopes_are_rejected_with_the_field_at_fault() {
+        let not_a_string = envelope(&serde_json::json!({"ip": "1.2.3.4"}));
+        let null_message = envelope(&serde_json::Value::Null);
+        for body in [not_a_string, null_message] {
+            for format in [InputFormat::Auto, InputFormat::Sns] {
+                let rejection = unwrap(&body, format).unwrap_err();
+                assert_eq!((rejection.reason, rejection.detail.as_deref()), (Reason::InvalidEnvelope, Some("Message")));
+            }
+        }
+        // Required to be envelopes: the missing field is named.
+        let whole = envelope(&serde_json::Value::String(EVENT.into()));
+        let no_message = whole.replace("\"Message\"", "\"Mess\"");
+        let no_id = whole.replace("\"MessageId\"", "\"Id\"");
+        let truncated = whole[..whole.len() - 20].to_owned();
+        for (body, field) in [(no_message, "Message"), (no_id, "MessageId"), (truncated, "envelope")] {
+            let rejection = unwrap(&body, InputFormat::Sns).unwrap_err();
             assert_eq!(
                 (rejection.reason, rejection.detail.as_deref()),
                 (Reason::InvalidEnvelope, Some(field)),

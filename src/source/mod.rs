@@ -52,6 +52,8 @@ pub struct Envelope {
     pub sent_at: DateTime<Utc>,
     /// The body's share of the byte budget, returned when the message leaves the pipeline.
     pub share: Option<Share>,
+    /// It carries a copy attribute whose id is not an SQS message id: quarantined as `invalid_envelope`.
+    pub forged_copy_id: bool,
 }
 
 impl std::fmt::Debug for Envelope {
@@ -76,17 +78,22 @@ impl Envelope {
             .and_then(|millis| millis.parse::<i64>().ok())
             .and_then(DateTime::from_timestamp_millis)
             .unwrap_or(now);
-        // A copy `loginflow redrive` made keeps its original id, so it is stored only once.
-        let redriven = message
+        // A copy `loginflow redrive` made keeps its original id, so it is stored only once. Anyone
+        // can send that attribute: only an SQS message id's shape is taken; anything else marks
+        // the message to be quarantined under its own id.
+        let copy_of = message
             .message_attributes
             .as_ref()
             .and_then(|attributes| attributes.get(crate::redrive::ORIGINAL_ID_ATTRIBUTE))
-            .and_then(|value| value.string_value())
-            .filter(|id| !id.is_empty())
-            .map(str::to_owned);
-        let message_id = redriven.or(message.message_id).unwrap_or_else(|| format!("receipt:{receipt_handle}"));
+            .map(|value| value.string_value().and_then(envelope::issued_id));
+        let forged_copy_id = matches!(copy_of, Some(None));
+        let message_id = match copy_of.flatten() {
+            Some(original) => original,
+            None => message.message_id.unwrap_or_else(|| format!("receipt:{receipt_handle}")),
+        };
         let body = message.body.unwrap_or_default();
-        Some(Envelope { ack: Ack { message_id, receipt_handle: receipt_handle.into() }, body, sent_at, share: None })
+        let ack = Ack { message_id, receipt_handle: receipt_handle.into() };
+        Some(Envelope { ack, body, sent_at, share: None, forged_copy_id })
     }
 }
 

@@ -346,17 +346,22 @@ fn sns_envelope(sns_id: &str, message: &str) -> String {
     .to_string()
 }
 
+const SNS_VALID: &str = "0d7b8f52-3c1e-4f2a-9b6d-5e4c3b2a1f00";
+const SNS_INVALID: &str = "0d7b8f52-3c1e-4f2a-9b6d-5e4c3b2a1f01";
+const SNS_BROKEN: &str = "0d7b8f52-3c1e-4f2a-9b6d-5e4c3b2a1f02";
+
 #[tokio::test]
 async fn sns_envelopes_are_unwrapped_keyed_by_their_sns_id_and_broken_ones_quarantined() {
     let env = TestEnv::new().await;
     let valid = r#"{"user_id":"sns-user","app_version":"2.3.0","device_type":"ios","ip":"198.51.100.23","locale":"DE","device_id":"555-12-3456"}"#;
     let invalid = r#"{"user_id":"sns-user","device_type":"ios","ip":"198.51.100.24","device_id":"555-12-3457"}"#;
-    let broken = sns_envelope("sns-broken", valid).replace("\"Message\"", "\"Mess\"");
+    // `Message` holding the event as an object, not as the string SNS sends.
+    let broken = sns_envelope(SNS_BROKEN, valid).replace(&serde_json::to_string(valid).unwrap(), valid);
     let bodies = [
-        sns_envelope("sns-valid", valid),
+        sns_envelope(SNS_VALID, valid),
         // SNS delivers at least once: the same notification again, as a new SQS message.
-        sns_envelope("sns-valid", valid),
-        sns_envelope("sns-invalid", invalid),
+        sns_envelope(SNS_VALID, valid),
+        sns_envelope(SNS_INVALID, invalid),
         broken,
     ];
     let sqs_ids = env.send_each(&bodies).await;
@@ -366,7 +371,7 @@ async fn sns_envelopes_are_unwrapped_keyed_by_their_sns_id_and_broken_ones_quara
     let db = env.db().await;
     let rows = db.query("SELECT message_id, user_id, masked_ip FROM user_logins", &[]).await.unwrap();
     assert_eq!(rows.len(), 1, "one notification, one row, however often SNS delivered it");
-    assert_eq!(rows[0].get::<_, &str>(0), "sns:sns-valid");
+    assert_eq!(rows[0].get::<_, &str>(0), format!("sns:{SNS_VALID}"));
     assert_eq!(rows[0].get::<_, &str>(1), "sns-user");
     assert_eq!(rows[0].get::<_, String>(2), hmac_hex("198.51.100.23"));
     let quarantine =
@@ -377,7 +382,7 @@ async fn sns_envelopes_are_unwrapped_keyed_by_their_sns_id_and_broken_ones_quara
         found,
         [
             (sqs_ids[3].clone(), "invalid_envelope".to_owned(), Some("Message".to_owned())),
-            ("sns:sns-invalid".to_owned(), "missing_field".to_owned(), Some("app_version".to_owned())),
+            (format!("sns:{SNS_INVALID}"), "missing_field".to_owned(), Some("app_version".to_owned())),
         ]
     );
     env.assert_queue_empty().await;
@@ -385,6 +390,80 @@ async fn sns_envelopes_are_unwrapped_keyed_by_their_sns_id_and_broken_ones_quara
     for raw in ["198.51.100.23", "198.51.100.24", "555-12-3456"] {
         assert!(!tables.contains(raw), "raw {raw} in the database");
     }
+}
+
+/// Ids come only in their issuer's shape: an SNS `MessageId` or a copy attribute holding an
+/// address, or too long for an index row, is not an id, so the message is quarantined under its
+/// SQS id; a raw event with a stray `TopicArn` is a raw event.
+#[tokio::test]
+async fn ids_a_sender_wrote_are_used_only_in_their_issuers_shape() {
+    let env = TestEnv::new().await;
+    let event = r#"{"user_id":"u-ids","app_version":"2.3.0","device_type":"ios","ip":"198.51.100.31","locale":"DE","device_id":"555-12-3499"}"#;
+    let long_id = "7".repeat(3_000);
+    let with_topic = event.replacen('{', r#"{"TopicArn":"arn:aws:sns:us-east-1:000000000000:logins","#, 1);
+    let bodies = [sns_envelope("203.0.113.7", event), sns_envelope(&long_id, event), with_topic];
+    let mut sqs_ids = env.send_each(&bodies).await;
+    // Copies claiming to be of another message: an address, and a well-formed SQS id.
+    let copy_of = |original: &str| {
+        std::collections::HashMap::from([(
+            loginflow::redrive::ORIGINAL_ID_ATTRIBUTE.to_owned(),
+            aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(original)
+                .build()
+                .unwrap(),
+        )])
+    };
+    let real_original = "6a1e0c44-7f3b-4d9a-8c2e-1b5d7f9e3a20";
+    for original in ["198.51.100.99", real_original] {
+        let sent = env
+            .sqs
+            .send_message()
+            .queue_url(&env.queue_url)
+            .message_body(event)
+            .set_message_attributes(Some(copy_of(original)))
+            .send()
+            .await
+            .unwrap();
+        sqs_ids.push(sent.message_id.unwrap());
+    }
+    let (ok, _summary, logs) = {
+        let output = run_binary(&env, &["run", "--drain"], &[("RUST_LOG", "debug")]).await;
+        (output.status.success(), (), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    assert!(ok, "{logs}");
+    let db = env.db().await;
+    let stored: Vec<(String, Option<String>, Option<String>)> = db
+        .query(
+            "SELECT message_id, NULL, NULL FROM user_logins UNION ALL
+             SELECT message_id, reason::text, detail FROM user_logins_quarantine ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let mut expected = vec![
+        (sqs_ids[0].clone(), Some("invalid_envelope".to_owned()), Some("MessageId".to_owned())),
+        (sqs_ids[1].clone(), Some("invalid_envelope".to_owned()), Some("MessageId".to_owned())),
+        (sqs_ids[2].clone(), None, None),
+        (
+            sqs_ids[3].clone(),
+            Some("invalid_envelope".to_owned()),
+            Some(loginflow::redrive::ORIGINAL_ID_ATTRIBUTE.to_owned()),
+        ),
+        (real_original.to_owned(), None, None),
+    ];
+    expected.sort();
+    assert_eq!(stored, expected);
+    let tables = dump_tables(&db).await;
+    for text in ["203.0.113.7", "198.51.100.99", "198.51.100.31", "555-12-3499"] {
+        assert!(!tables.contains(text), "{text} in the database");
+        assert!(!logs.contains(text), "{text} in the logs");
+    }
+    assert!(!logs.contains(&long_id[..100]), "the long MessageId in the logs");
+    env.assert_queue_empty().await;
 }
 
 #[tokio::test]

@@ -340,7 +340,7 @@ async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_
     let wrapped: Vec<_> = (200..205).map(|i| login_body(i, "ios")).collect();
     for (i, (event, ..)) in wrapped.iter().enumerate() {
         bodies.push(
-            serde_json::json!({"Type": "Notification", "MessageId": format!("sns-{i}"),
+            serde_json::json!({"Type": "Notification", "MessageId": format!("00000000-0000-4000-8000-00000000000{i}"),
                                "TopicArn": "arn:aws:sns:us-east-1:000000000000:logins", "Message": event})
             .to_string(),
         );
@@ -357,7 +357,7 @@ async fn quarantine_replay_turns_records_quarantined_under_a_stricter_rule_into_
     // Each message once: the notifications under their SNS ids (as `run` keys them), one row for
     // the notification delivered twice.
     let mut expected: Vec<String> = sent[..200].iter().chain(&sent[206..]).cloned().collect();
-    expected.extend((0..5).map(|i| format!("sns:sns-{i}")));
+    expected.extend((0..5).map(|i| format!("sns:00000000-0000-4000-8000-00000000000{i}")));
     expected.sort();
     let assert_each_message_once = || async {
         let stored = env.stored_ids().await;
