@@ -10,6 +10,8 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::shapes;
+
 /// Column limits of `user_logins` (characters, as `varchar(n)` counts them).
 pub const USER_ID_MAX_CHARS: usize = 128;
 pub const DEVICE_TYPE_MAX_CHARS: usize = 32;
@@ -35,13 +37,16 @@ pub enum Reason {
     InvalidAppVersion,
     /// An SNS envelope that cannot be unwrapped.
     InvalidEnvelope,
+    /// A clear field (`user_id`, `device_type`, `locale`, `app_version`) holds text shaped like
+    /// an IP address or a device id; the detail names the field.
+    PiiInField,
     /// Passed validation, but PostgreSQL refused the row.
     DbRejected,
 }
 
 impl Reason {
     /// Every reason, so metrics can register each label at startup.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::EmptyBody,
         Reason::InvalidJson,
         Reason::NotAnObject,
@@ -54,6 +59,7 @@ impl Reason {
         Reason::InvalidIp,
         Reason::InvalidAppVersion,
         Reason::InvalidEnvelope,
+        Reason::PiiInField,
         Reason::DbRejected,
     ];
 
@@ -72,6 +78,7 @@ impl Reason {
             Reason::InvalidIp => "invalid_ip",
             Reason::InvalidAppVersion => "invalid_app_version",
             Reason::InvalidEnvelope => "invalid_envelope",
+            Reason::PiiInField => "pii_in_field",
             Reason::DbRejected => "db_rejected",
         }
     }
@@ -231,17 +238,28 @@ pub fn decode(body: &str) -> Result<ValidLogin, Rejection> {
     // Syntax errors and duplicate keys (ambiguous records) both end here.
     let wire: Wire<'_> = serde_json::from_str(body).map_err(|_| Rejection::bare(Reason::InvalidJson))?;
 
-    let user_id = required_text("user_id", wire.user_id, USER_ID_MAX_CHARS)?;
-    let device_type = required_text("device_type", wire.device_type, DEVICE_TYPE_MAX_CHARS)?;
+    let user_id = clear("user_id", required_text("user_id", wire.user_id, USER_ID_MAX_CHARS)?)?;
+    let device_type = clear("device_type", required_text("device_type", wire.device_type, DEVICE_TYPE_MAX_CHARS)?)?;
+    if !device_type.chars().all(|c| c.is_alphanumeric() || " _-.()/+,".contains(c)) {
+        return Err(Rejection::new(Reason::InvalidCharacter, "device_type"));
+    }
     let ip_text = required_text("ip", wire.ip, 64)?;
     let ip = ip_text.parse::<IpAddr>().map_err(|_| Rejection::new(Reason::InvalidIp, "ip"))?;
     let device_id = required_text("device_id", wire.device_id, DEVICE_ID_MAX_CHARS)?;
     let locale = match wire.locale {
         None => None,
         Some(raw) if raw.get() == "null" => None,
-        Some(raw) => Some(text("locale", raw, LOCALE_MAX_CHARS)?.into_owned()),
+        Some(raw) => Some(clear("locale", text("locale", raw, LOCALE_MAX_CHARS)?)?.into_owned()),
     };
-    let version_text = required_text("app_version", wire.app_version, APP_VERSION_MAX_CHARS)?;
+    if let Some(locale) = &locale {
+        let mut chars = locale.chars();
+        let well_formed =
+            chars.next().is_some_and(char::is_alphabetic) && chars.all(|c| c.is_alphanumeric() || "-_.@".contains(c));
+        if !well_formed {
+            return Err(Rejection::new(Reason::InvalidCharacter, "locale"));
+        }
+    }
+    let version_text = clear("app_version", required_text("app_version", wire.app_version, APP_VERSION_MAX_CHARS)?)?;
     let app_version =
         AppVersion::parse(&version_text).ok_or_else(|| Rejection::new(Reason::InvalidAppVersion, "app_version"))?;
 
@@ -249,11 +267,19 @@ pub fn decode(body: &str) -> Result<ValidLogin, Rejection> {
         user_id: user_id.into_owned(),
         device_type: device_type.into_owned(),
         // The canonical text form: equal addresses written differently mask alike.
-        ip: Pii(ip.to_string()),
+        ip: Pii(shapes::canonical_ip(ip)),
         device_id: Pii(device_id.into_owned()),
         locale,
         app_version,
     })
+}
+
+/// A value for a clear column: refused when it holds text shaped like an address or a device id.
+fn clear<'a>(field: &str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
+    match shapes::holds_pii_shape(&value) {
+        true => Err(Rejection::new(Reason::PiiInField, field)),
+        false => Ok(value),
+    }
 }
 
 fn required_text<'a>(field: &str, raw: Option<&'a RawValue>, max_chars: usize) -> Result<Cow<'a, str>, Rejection> {
@@ -353,6 +379,38 @@ mod tests {
     }
 
     #[test]
+    fn clear_fields_holding_an_address_or_a_device_id_are_refused_naming_the_field() {
+        for (field, value) in [
+            ("device_type", "\"10.0.0.77\""),
+            ("locale", "\"333-44-5557\""),
+            ("user_id", "\"login from 198.51.100.10 on 333-44-5555\""),
+            ("user_id", "\"fe80::1\""),
+            ("app_version", "\"10.0.0.77\""),
+            ("device_type", "\"pixel 123-45-6789\""),
+            ("locale", "\"en-2001:db8::7\""),
+        ] {
+            assert_eq!(reason(&with(field, value)), (Reason::PiiInField, Some(field.into())), "{field} {value}");
+        }
+    }
+
+    #[test]
+    fn device_type_and_locale_have_their_shapes() {
+        for (field, value) in [("device_type", "\"ios<script>\""), ("locale", "\"7x\""), ("locale", "\"en US\"")] {
+            assert_eq!(reason(&with(field, value)), (Reason::InvalidCharacter, Some(field.into())), "{value}");
+        }
+        for (field, value) in
+            [("device_type", "\"iPhone 15 (Pro)\""), ("locale", "\"en_US.UTF-8\""), ("locale", "\"pt-BR\"")]
+        {
+            assert!(decode(&with(field, value)).is_ok(), "{value}");
+        }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_its_ipv4_address() {
+        assert_eq!(decode(&with("ip", "\"::ffff:199.172.111.135\"")).unwrap().ip.expose(), "199.172.111.135");
+    }
+
+    #[test]
     fn length_counts_characters_not_bytes() {
         let exactly_32 = format!("\"{}\"", "é".repeat(32));
         assert!(decode(&with("device_type", &exactly_32)).is_ok());
@@ -444,6 +502,26 @@ mod properties {
                 prop_assert!(login.ip.expose().parse::<IpAddr>().is_ok());
                 prop_assert_eq!(AppVersion::text_of(login.app_version.code), Some(login.app_version.text));
             }
+        }
+
+        #[test]
+        fn an_address_or_device_id_in_a_clear_field_never_passes(
+            field in prop::sample::select(vec!["user_id", "device_type", "locale", "app_version"]),
+            octets in any::<[u8; 4]>(),
+            digits in (0u32..1000, 0u32..100, 0u32..10000),
+            kind in 0u8..3,
+            prefix in "[a-zA-Z ]{0,8}",
+            suffix in "[a-zA-Z ]{0,8}",
+        ) {
+            let token = match kind {
+                0 => format!("{}.{}.{}.{}", octets[0], octets[1], octets[2], octets[3]),
+                1 => format!("{:03}-{:02}-{:04}", digits.0, digits.1, digits.2),
+                _ => format!("2001:db8::{:x}", u16::from_be_bytes([octets[0], octets[1]])),
+            };
+            let good = r#"{"user_id":"u","app_version":"2.3.0","device_type":"ios","ip":"1.2.3.4","locale":"RU","device_id":"1"}"#;
+            let mut body: serde_json::Value = serde_json::from_str(good).unwrap();
+            body[field] = serde_json::Value::String(format!("{prefix}{token}{suffix}"));
+            prop_assert!(decode(&body.to_string()).is_err(), "{} stored in {}", token, field);
         }
 
         #[test]

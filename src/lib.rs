@@ -25,6 +25,7 @@ pub mod redrive;
 pub mod retry;
 pub mod schema;
 pub mod seed;
+pub mod shapes;
 pub mod sink;
 pub mod source;
 pub mod sqs;

@@ -20,19 +20,17 @@
 //! Before scanning, `\uXXXX` escapes of the characters these shapes are made of are decoded,
 //! so `\u0032\u0030\u0033.0.113.5` cannot slip by as text.
 
-use std::borrow::Cow;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
 use serde_json::Value;
+
+use crate::shapes;
 
 /// How many levels of JSON-in-a-string are unwrapped; deeper strings are scrubbed as text.
 const MAX_NESTED_JSON: usize = 8;
 
 /// Longer keys are never PII-ish (and are not normalised).
 const MAX_KEY_LEN: usize = 64;
-
-/// The longest written IPv6 address without zone: `ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`.
-const MAX_IPV6_LEN: usize = 45;
 
 /// Keys whose values are masked whole, after [`normalise_key`].
 const PII_KEY_NAMES: &[&str] = &[
@@ -98,13 +96,11 @@ pub fn scrub_body(body: &str, mask: &dyn Fn(&str) -> String) -> String {
 /// whole too when it is a string or a scalar other than `null`, so a truncated record keeps
 /// no raw value of any shape there; an object or array there gets the shape scan only.
 pub fn scrub_text(text: &str, mask: &dyn Fn(&str) -> String) -> String {
-    let text = decode_escapes(text);
+    let text = shapes::decode_escapes(text);
     let bytes = text.as_bytes();
     let mut spans = Vec::new();
     pii_key_values(bytes, &mut spans);
-    digit_chains(bytes, b'.', 4, 0, &mut spans);
-    digit_chains(bytes, b'-', 2, 6, &mut spans);
-    ipv6_runs(bytes, &mut spans);
+    shapes::pii_shaped_spans(bytes, &mut spans);
     if spans.is_empty() {
         return text.into_owned();
     }
@@ -176,7 +172,7 @@ fn mask_whole(value: Value, mask: &dyn Fn(&str) -> String) -> Value {
 /// Masks an address by its canonical form (as `decode` stores it), anything else as written.
 fn mask_token(token: &str, mask: &dyn Fn(&str) -> String) -> String {
     match token.parse::<IpAddr>() {
-        Ok(ip) => mask(&ip.to_string()),
+        Ok(ip) => mask(&shapes::canonical_ip(ip)),
         Err(_) => mask(token),
     }
 }
@@ -188,128 +184,6 @@ fn is_pii_key(key: &str) -> bool {
 /// Lower case without `_`, `-`, `.` and spaces: `client_ip`, `clientIp`, `Client-IP` are alike.
 fn normalise_key(key: &str) -> String {
     key.chars().filter(|c| !matches!(c, '_' | '-' | '.' | ' ')).flat_map(char::to_lowercase).collect()
-}
-
-/// The characters the shapes are made of; only their escapes are decoded.
-fn is_shape_char(c: u8) -> bool {
-    c.is_ascii_hexdigit() || matches!(c, b'.' | b':' | b'-')
-}
-
-/// Decodes `\uXXXX` escapes (after any number of backslashes, so escapes of escapes too) that
-/// stand for a shape character. Works on the output, so an escape that only forms once an
-/// inner one is decoded (`\u\u0030030`) is decoded as well. Linear: each step shrinks the output.
-fn decode_escapes(text: &str) -> Cow<'_, str> {
-    if !text.contains('\\') {
-        return Cow::Borrowed(text);
-    }
-    let mut out: Vec<u8> = Vec::with_capacity(text.len());
-    for &byte in text.as_bytes() {
-        out.push(byte);
-        while let Some((escape_start, decoded)) = escape_at_end(&out) {
-            out.truncate(escape_start);
-            out.push(decoded);
-        }
-    }
-    // Only ASCII sequences were replaced by ASCII bytes, so the text stays UTF-8.
-    Cow::Owned(String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
-}
-
-/// If `out` ends with `\+uXXXX` escaping a shape character: where the backslashes start, and the character.
-fn escape_at_end(out: &[u8]) -> Option<(usize, u8)> {
-    let len = out.len();
-    if len < 6 || !matches!(out[len - 5], b'u' | b'U') || out[len - 6] != b'\\' {
-        return None;
-    }
-    let hex = std::str::from_utf8(&out[len - 4..]).ok()?;
-    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let code = u8::try_from(u32::from_str_radix(hex, 16).ok()?).ok()?;
-    if !is_shape_char(code) {
-        return None;
-    }
-    let backslashes = out[..len - 5].iter().rev().take_while(|&&b| b == b'\\').count();
-    Some((len - 5 - backslashes, code))
-}
-
-/// Maximal runs of digits joined by single `sep`s, with at least `min_groups` runs and `min_digits` digits.
-fn digit_chains(bytes: &[u8], sep: u8, min_groups: usize, min_digits: usize, spans: &mut Vec<(usize, usize)>) {
-    let mut i = 0;
-    while i < bytes.len() {
-        if !bytes[i].is_ascii_digit() {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        let (mut groups, mut digits) = (0, 0);
-        loop {
-            let group_start = i;
-            while i < bytes.len() && bytes[i].is_ascii_digit() {
-                i += 1;
-            }
-            groups += 1;
-            digits += i - group_start;
-            if i + 1 < bytes.len() && bytes[i] == sep && bytes[i + 1].is_ascii_digit() {
-                i += 1;
-            } else {
-                break;
-            }
-        }
-        if groups >= min_groups && digits >= min_digits {
-            spans.push((start, i));
-        }
-    }
-}
-
-/// Runs of hex digits, `:` and `.` holding an IPv6 address, or possibly holding one.
-fn ipv6_runs(bytes: &[u8], spans: &mut Vec<(usize, usize)>) {
-    let in_run = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
-    let mut i = 0;
-    while i < bytes.len() {
-        if !in_run(bytes[i]) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < bytes.len() && in_run(bytes[i]) {
-            i += 1;
-        }
-        let run = &bytes[start..i];
-        let colons = run.iter().filter(|&&b| b == b':').count();
-        if colons < 2 || !run.iter().any(u8::is_ascii_hexdigit) {
-            continue;
-        }
-        if let Some((from, to)) = ipv6_within(run) {
-            spans.push((start + from, start + to));
-        } else if colons >= 6 || run.windows(2).any(|w| w == b"::") {
-            // Every IPv6 address holds `::` or seven colons (six before an embedded IPv4).
-            spans.push((start, i));
-        }
-    }
-}
-
-/// The part of `run` that parses as an IPv6 address once sentence dots and a single stray
-/// colon at either edge are dropped, if any.
-fn ipv6_within(run: &[u8]) -> Option<(usize, usize)> {
-    let (mut from, mut to) = (0, run.len());
-    while from < to && run[from] == b'.' {
-        from += 1;
-    }
-    while to > from && run[to - 1] == b'.' {
-        to -= 1;
-    }
-    let parses = |from: usize, to: usize| {
-        to - from <= MAX_IPV6_LEN
-            && std::str::from_utf8(&run[from..to]).is_ok_and(|text| text.parse::<Ipv6Addr>().is_ok())
-    };
-    if parses(from, to) {
-        return Some((from, to));
-    }
-    let stray_front = to - from > 1 && run[from] == b':' && run[from + 1] != b':';
-    let stray_back = to - from > 1 && run[to - 1] == b':' && run[to - 2] != b':';
-    let from = from + usize::from(stray_front);
-    let to = to - usize::from(stray_back);
-    (from < to && parses(from, to)).then_some((from, to))
 }
 
 /// In JSON-like text, the values after quoted PII-ish keys: `"ip": "..."` (also with escaped
@@ -529,7 +403,7 @@ mod tests {
                 let out = scrub_text(&written, &tag);
                 assert_gone(&out, &[raw]);
             }
-            let canonical = raw.parse::<Ipv6Addr>().unwrap().to_string();
+            let canonical = shapes::canonical_ip(raw.parse::<IpAddr>().unwrap());
             assert_eq!(scrub_text(&format!("[{raw}]:443"), &tag), format!("[{}]:443", tag(&canonical)));
         }
     }
@@ -581,6 +455,7 @@ mod tests {
 mod properties {
     use super::*;
     use proptest::prelude::*;
+    use std::net::Ipv6Addr;
 
     fn tag(token: &str) -> String {
         // Hex, like the real mask, so masks can sit next to hex digits in the output.

@@ -544,3 +544,57 @@ async fn records_published_to_a_subscribed_sns_topic_become_rows_keyed_by_their_
     assert_eq!((rows, reasons), (20, vec!["missing_field".to_owned()]));
     env.assert_queue_empty().await;
 }
+
+/// The clear columns are stored as sent, so an address or a device id in one of them (a client
+/// bug, or data smuggled past the mask) quarantines the record, naming the field, and the copy
+/// kept is scrubbed like any quarantined body.
+#[tokio::test]
+async fn an_address_or_device_id_in_a_clear_field_quarantines_the_record_naming_the_field() {
+    let env = TestEnv::new().await;
+    let base = json!({"user_id":"u-clear","app_version":"2.3.0","device_type":"ios","ip":"198.51.100.40","locale":"DE","device_id":"555-12-3400"});
+    let cases = [
+        ("device_type", "10.0.0.77"),
+        ("locale", "333-44-5557"),
+        ("user_id", "login from 198.51.100.10 on 333-44-5555"),
+        ("user_id", "fe80::1"),
+        ("app_version", "10.0.0.78"),
+        ("device_type", "ios 2001:db8::9"),
+        ("locale", "203.0.113.9"),
+        ("user_id", "u-::ffff:192.0.2.44"),
+    ];
+    let bodies: Vec<String> = cases
+        .iter()
+        .map(|(field, value)| {
+            let mut body = base.clone();
+            body[*field] = json!(value);
+            body.to_string()
+        })
+        .collect();
+    let ids = env.send_each(&bodies).await;
+    let summary = env.drain(&[]).await;
+    assert_eq!((summary.written, summary.quarantined), (0, cases.len() as u64), "{summary:?}");
+    let db = env.db().await;
+    for (id, (field, _)) in ids.iter().zip(cases) {
+        let row = db
+            .query_one("SELECT reason, detail FROM user_logins_quarantine WHERE message_id = $1", &[id])
+            .await
+            .unwrap();
+        assert_eq!((row.get::<_, &str>(0), row.get::<_, Option<&str>>(1)), ("pii_in_field", Some(field)));
+    }
+    let tables = dump_tables(&db).await;
+    for raw in [
+        "10.0.0.77",
+        "333-44-5557",
+        "198.51.100.10",
+        "333-44-5555",
+        "fe80::1",
+        "10.0.0.78",
+        "2001:db8::9",
+        "203.0.113.9",
+        "192.0.2.44",
+        "198.51.100.40",
+        "555-12-3400",
+    ] {
+        assert!(!tables.contains(raw), "raw {raw} in the database");
+    }
+}
