@@ -238,11 +238,99 @@ services_down() {
   _STARTED=()
 }
 
+# A primary and its streaming standby, for the failover test (tests/chaos/failover.rs), in DIR:
+#   pg_pair_up DIR PRIMARY_PORT STANDBY_PORT   fresh primary in DIR/primary, standby in DIR/standby (pg_basebackup -R -X stream)
+#   pg_pair_stop_primary DIR                   the primary dies (`pg_ctl -m immediate stop`)
+#   pg_pair_promote DIR                        the standby becomes the primary (`pg_ctl promote -w`)
+#   pg_pair_down DIR                           both stopped, DIR removed
+# Replication is synchronous (the standby confirms each commit's WAL before the commit returns),
+# so a commit the primary acknowledged is on the standby when the primary dies: an asynchronous
+# standby may miss the last commits, which no client can make up for. The setting lives only in
+# the primary's postgresql.auto.conf, written after the base backup, so the promoted standby does
+# not wait for a standby of its own.
+_pg_pair_ctl() { # DIR NAME PORT pg_ctl-arguments...
+  local dir=$1 name=$2 port=$3 bin; shift 3
+  bin=$(_pg_bindir) || return 1
+  _as_postgres "$bin/pg_ctl" -D "$dir/$name" -l "$dir/$name.log" -o "-p $port -k $dir" "$@"
+}
+
+_pg_pair_psql() { # PORT SQL
+  local bin; bin=$(_pg_bindir) || return 1
+  _as_postgres "$bin/psql" -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2"
+}
+
+_pg_pair_wait() { # PORT SQL EXPECTED: up to 30 s for the query to answer EXPECTED
+  local _
+  for _ in $(seq 1 120); do
+    [ "$(_pg_pair_psql "$1" "$2" 2>/dev/null)" = "$3" ] && return 0
+    sleep 0.25
+  done
+  return 1
+}
+
+pg_pair_up() {
+  local dir=$1 primary_port=$2 standby_port=$3 bin
+  [ -n "$dir" ] && [ -n "$primary_port" ] && [ -n "$standby_port" ] || { _log "usage: pg-pair-up DIR PRIMARY_PORT STANDBY_PORT"; return 2; }
+  bin=$(_pg_bindir) || { _install_postgres; bin=$(_pg_bindir); } || { _log "no PostgreSQL server binaries"; return 1; }
+  pg_pair_down "$dir" || return 2
+  mkdir -p "$dir" || return 1
+  if [ "$(id -u)" = 0 ]; then chown postgres "$dir" || return 1; fi
+  chmod 700 "$dir"
+  _as_postgres "$bin/initdb" -D "$dir/primary" --auth=trust -U postgres -E UTF8 --locale=C.UTF-8 >/dev/null || return 1
+  # Settings both servers share (the standby copies this file); port and socket dir are per server.
+  _as_postgres tee -a "$dir/primary/postgresql.conf" >/dev/null <<'CONF' || return 1
+listen_addresses = '127.0.0.1'
+wal_level = replica
+max_wal_senders = 10
+hot_standby = on
+fsync = off
+full_page_writes = off
+max_connections = 100
+CONF
+  if ! grep -Eq '^[[:space:]]*host[[:space:]]+replication[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]+trust' "$dir/primary/pg_hba.conf"; then
+    echo 'host replication all 127.0.0.1/32 trust' | _as_postgres tee -a "$dir/primary/pg_hba.conf" >/dev/null || return 1
+  fi
+  _pg_pair_ctl "$dir" primary "$primary_port" -w -t 60 start >/dev/null || { _log "primary did not start (log: $dir/primary.log)"; return 1; }
+  _as_postgres "$bin/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres -D "$dir/standby" -R -X stream >/dev/null ||
+    { _log "pg_basebackup failed"; return 1; }
+  _pg_pair_ctl "$dir" standby "$standby_port" -w -t 60 start >/dev/null || { _log "standby did not start (log: $dir/standby.log)"; return 1; }
+  _pg_pair_wait "$primary_port" "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'" 1 &&
+    _pg_pair_wait "$standby_port" 'SELECT pg_is_in_recovery()' t ||
+    { _log "the standby is not streaming (logs: $dir/*.log)"; return 1; }
+  _pg_pair_psql "$primary_port" "ALTER SYSTEM SET synchronous_standby_names = '*'" &&
+    _pg_pair_psql "$primary_port" 'SELECT pg_reload_conf()' >/dev/null || return 1
+  _pg_pair_wait "$primary_port" "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'" 1 ||
+    { _log "the standby did not become synchronous"; return 1; }
+  _log "primary on 127.0.0.1:$primary_port, synchronous streaming standby on 127.0.0.1:$standby_port (in $dir)"
+}
+
+pg_pair_stop_primary() {
+  _pg_pair_ctl "$1" primary 0 -m immediate -w stop >/dev/null
+}
+
+pg_pair_promote() {
+  _pg_pair_ctl "$1" standby 0 -w -t 60 promote >/dev/null
+}
+
+pg_pair_down() {
+  local dir=$1 name
+  case $dir in "" | / | /tmp | /var/tmp) _log "usage: pg-pair-down DIR (a directory of its own)"; return 2 ;; esac
+  for name in primary standby; do
+    [ -f "$dir/$name/PG_VERSION" ] && _pg_pair_ctl "$dir" "$name" 0 -m fast -w -t 30 stop >/dev/null 2>&1
+  done
+  rm -rf "$dir"
+  return 0
+}
+
 # Run as a command (the fault-injection tests use this to stop and restart PostgreSQL).
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   case "${1:-}" in
     postgres-stop) postgres_down ;;
     postgres-start) PG_FAST=${PG_FAST:-1} postgres_up ;;
-    *) echo "usage: scripts/services.sh postgres-stop|postgres-start (or source it and call services_up)" >&2; exit 2 ;;
+    pg-pair-up) pg_pair_up "${@:2}" ;;
+    pg-pair-stop-primary) pg_pair_stop_primary "${2:?pg-pair-stop-primary DIR}" ;;
+    pg-pair-promote) pg_pair_promote "${2:?pg-pair-promote DIR}" ;;
+    pg-pair-down) pg_pair_down "${2:-}" ;;
+    *) echo "usage: scripts/services.sh postgres-stop|postgres-start|pg-pair-up DIR PRIMARY_PORT STANDBY_PORT|pg-pair-stop-primary DIR|pg-pair-promote DIR|pg-pair-down DIR (or source it and call services_up)" >&2; exit 2 ;;
   esac
 fi

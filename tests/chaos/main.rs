@@ -1,6 +1,7 @@
 //! Fault injection against real PostgreSQL and LocalStack, one test at a time (scripts/chaos.sh).
 //! Each test prints a `figures:` line that RELIABILITY.md records.
 
+mod failover;
 #[path = "../integration/helpers.rs"]
 mod helpers;
 
@@ -938,8 +939,16 @@ async fn a_revoked_insert_privilege_holds_every_message_until_it_is_granted_agai
     let grant = format!("GRANT INSERT ON user_logins TO {role}");
     let spell = Duration::from_secs(20);
     let settings = [("DATABASE_URL", url)];
-    let f = drain_while_writes_are_refused(&env, 121, &settings, (On::TestDb, &revoke), (On::TestDb, &grant), spell, "42501")
-        .await;
+    let f = drain_while_writes_are_refused(
+        &env,
+        121,
+        &settings,
+        (On::TestDb, &revoke),
+        (On::TestDb, &grant),
+        spell,
+        "42501",
+    )
+    .await;
     print_refusal("revoked_privilege", spell, &f);
 }
 
