@@ -270,6 +270,13 @@ pub struct RunArgs {
           value_parser = count(32 << 20, 2 << 30))]
     pub max_inflight_bytes: usize,
 
+    /// Largest clear quarantine copy (`masked_body`) kept, in bytes (1024..=1048576); a longer
+    /// one is cut with a marker saying so (the whole original stays sealed in the vault when it
+    /// is on). Bounds what a body can swell into when its addresses become 64-character masks.
+    #[arg(long, env = "QUARANTINE_COPY_MAX_BYTES", value_name = "QUARANTINE_COPY_MAX_BYTES", default_value = "65536",
+          value_parser = count(1 << 10, 1 << 20))]
+    pub quarantine_copy_max_bytes: usize,
+
     /// Deadline of one batch's write to PostgreSQL, all statements and the commit, in seconds
     /// (1..=3600); also each statement's server-side `statement_timeout`. A write past it is
     /// cancelled, rolled back and retried.

@@ -26,7 +26,12 @@ pub struct Masker {
     // The keyed state after absorbing the key; cloning it skips re-keying per value.
     keyed: Hmac<Sha256>,
     key_id: Arc<str>,
+    /// Largest quarantine copy ([`Masker::mask_body`]).
+    copy_max_bytes: usize,
 }
+
+/// Default of `QUARANTINE_COPY_MAX_BYTES`: the largest clear quarantine copy kept.
+pub const DEFAULT_COPY_MAX_BYTES: usize = 64 << 10;
 
 impl std::fmt::Debug for Masker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -39,9 +44,15 @@ impl Masker {
     pub fn new(key: &SecretString) -> Masker {
         let keyed =
             Hmac::<Sha256>::new_from_slice(key.expose_secret().as_bytes()).expect("HMAC accepts keys of any length");
-        let mut masker = Masker { keyed, key_id: Arc::from("") };
+        let mut masker = Masker { keyed, key_id: Arc::from(""), copy_max_bytes: DEFAULT_COPY_MAX_BYTES };
         masker.key_id = Arc::from(&masker.mask(KEY_ID_INPUT)[..16]);
         masker
+    }
+
+    /// The same masker, its quarantine copies kept within `max_bytes` (`QUARANTINE_COPY_MAX_BYTES`).
+    pub fn with_copy_max_bytes(mut self, max_bytes: usize) -> Masker {
+        self.copy_max_bytes = max_bytes;
+        self
     }
 
     /// Names the key without revealing it: the start of the mask of a fixed string. Recorded
@@ -89,9 +100,10 @@ impl Masker {
     }
 
     /// A quarantine-safe copy of a body: every address-like or device-id-like token, wherever
-    /// it stands, and every value under a PII-named key, replaced by its mask ([`scrub`]).
+    /// it stands, and every value under a PII-named key, replaced by its mask ([`scrub`]); at
+    /// most `QUARANTINE_COPY_MAX_BYTES`, truncated with a marker beyond it.
     pub fn mask_body(&self, body: &str) -> String {
-        scrub::scrub_body(body, &|value| self.mask(value))
+        scrub::scrub_bounded(body, self.copy_max_bytes, &|value| self.mask(value))
     }
 }
 
@@ -144,6 +156,15 @@ pub struct QuarantineRecord {
 }
 
 impl QuarantineRecord {
+    /// Bytes it holds: the clear copy and the sealed original.
+    pub fn footprint(&self) -> usize {
+        let sealed = self
+            .sealed
+            .as_ref()
+            .map_or(0, |s| [&s.ip, &s.device_id, &s.body].iter().map(|v| v.as_ref().map_or(0, Vec::len)).sum());
+        self.masked_body.len() + sealed
+    }
+
     /// Quarantines a masked row that PostgreSQL refused, keeping the SQLSTATE.
     pub fn db_rejected(login: &MaskedLogin, sqlstate: &str) -> QuarantineRecord {
         QuarantineRecord {

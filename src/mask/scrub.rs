@@ -90,6 +90,47 @@ pub fn scrub_body(body: &str, mask: &dyn Fn(&str) -> String) -> String {
     }
 }
 
+/// [`scrub_body`] kept within `max_bytes`: a body longer than that is scrubbed from its first
+/// `max_bytes` only (cut back to before any token it might split, then scanned as text), and a
+/// copy that comes out longer is cut, each ending with a marker naming the body's whole length.
+/// Memory and time stay bounded whatever the body holds: a 1 MiB body of addresses would
+/// otherwise become some 8 MiB of masks.
+pub fn scrub_bounded(body: &str, max_bytes: usize, mask: &dyn Fn(&str) -> String) -> String {
+    let copy = match body.len() <= max_bytes {
+        true => scrub_body(body, mask),
+        false => scrub_text(token_safe_prefix(body, max_bytes), mask),
+    };
+    if copy.len() <= max_bytes && body.len() <= max_bytes {
+        return copy;
+    }
+    let marker = format!("…[truncated by loginflow: {} bytes received]", body.len());
+    // Cutting scrubbed text cannot make a token: it holds none, and a cut only shortens runs.
+    let mut out = floor_prefix(&copy, max_bytes.saturating_sub(marker.len())).to_owned();
+    out.push_str(&marker);
+    out
+}
+
+/// The longest prefix of `text` of at most `max_bytes` on a character boundary.
+fn floor_prefix(text: &str, max_bytes: usize) -> &str {
+    let mut end = max_bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A prefix of at most `max_bytes` that ends before any run of characters a token or an escape
+/// is made of, so no address, device id or `\uXXXX` escape is cut in two (a cut one would no
+/// longer look like what it is, and slip past the scan).
+fn token_safe_prefix(text: &str, max_bytes: usize) -> &str {
+    let prefix = floor_prefix(text, max_bytes);
+    let keep = prefix
+        .bytes()
+        .rposition(|b| !(b.is_ascii_hexdigit() || matches!(b, b'.' | b':' | b'-' | b'\\' | b'u' | b'U')))
+        .map_or(0, |last| last + 1);
+    &prefix[..keep]
+}
+
 /// A copy of free `text` with every address- or device-id-like token replaced by `mask`
 /// of it (see the module documentation for the shapes). In text that looks like JSON, the
 /// value after a quoted PII-ish key (`"ip": "..."`, also with escaped quotes) is masked
@@ -405,6 +446,39 @@ mod tests {
             }
             let canonical = shapes::canonical_ip(raw.parse::<IpAddr>().unwrap());
             assert_eq!(scrub_text(&format!("[{raw}]:443"), &tag), format!("[{}]:443", tag(&canonical)));
+        }
+    }
+
+    #[test]
+    fn a_swelling_body_gives_a_bounded_copy_with_a_marker_and_no_raw_token() {
+        let dense: String = (0..150_000).map(|i| format!("10.{}.{}.{} ", i % 200, i / 200 % 200, i % 7)).collect();
+        let json = format!(r#"{{"note":"{dense}","v6":"2001:db8::1"}}"#);
+        for body in [dense.as_str(), json.as_str()] {
+            for cut in [1_000, 4_096, 65_536] {
+                let out = scrub_bounded(body, cut, &tag);
+                assert!(out.len() <= cut, "{} > {cut}", out.len());
+                assert!(
+                    out.ends_with(&format!("…[truncated by loginflow: {} bytes received]", body.len())),
+                    "{}",
+                    &out[out.len() - 80..]
+                );
+                let mut tokens = Vec::new();
+                crate::shapes::pii_shaped_spans(out.as_bytes(), &mut tokens);
+                assert!(tokens.is_empty(), "a token survived: {:?}", tokens.first().map(|(a, b)| &out[*a..*b]));
+            }
+        }
+        let small = r#"{"ip":"1.2.3.4"}"#;
+        assert_eq!(scrub_bounded(small, 65_536, &tag), scrub(small));
+    }
+
+    #[test]
+    fn a_cut_never_splits_a_token() {
+        let body = format!("{}203.0.113.77 tail \\u0031.2", "x".repeat(95));
+        for cut in 95..body.len() {
+            let prefix = token_safe_prefix(&body, cut);
+            assert!(prefix.len() <= cut);
+            let whole_or_none = !prefix.contains("203") || prefix.contains("203.0.113.77 ");
+            assert!(whole_or_none && !prefix.contains("\\u"), "{cut}: {prefix}");
         }
     }
 

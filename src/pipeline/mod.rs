@@ -200,6 +200,8 @@ impl Window {
 /// Everything the stages share.
 struct Stages {
     transform: Transform,
+    /// `MAX_INFLIGHT_BYTES`: what messages hold, bodies and what processing makes of them.
+    budget: Budget,
     /// How long a committed message's delete may wait ([`acks::max_ack_lag`]).
     max_ack_lag: Duration,
     /// `MASK_CONCURRENCY` permits: receive batches processed at once.
@@ -234,6 +236,7 @@ impl Stages {
     async fn process_received(self: Arc<Self>, batch: Vec<Envelope>) -> Option<Vec<Item>> {
         // Never closed, so acquiring only waits.
         let _permit = self.processing.clone().acquire_owned().await.ok()?;
+        let budget = self.budget.clone();
         let large = batch.iter().map(|e| e.body.len()).sum::<usize>() > LARGE_BATCH_BYTES;
         let processed = match large {
             true => tokio::task::spawn_blocking(move || self.process(batch)).await.map_err(|_| ()),
@@ -244,7 +247,9 @@ impl Stages {
             // A panic's message may quote body text: say only that it panicked.
             tracing::error!("processing a receive batch panicked; messages left for redelivery");
         }
-        processed.ok()
+        let mut items = processed.ok()?;
+        count_what_was_made(&budget, &mut items).await;
+        Some(items)
     }
 
     /// Writes one window (retrying while the database is unavailable, until it commits or
@@ -441,6 +446,31 @@ impl Stages {
     }
 }
 
+/// Refits the budget shares of a batch with quarantined messages to what those became: the
+/// clear copy and the sealed original, held until the window is done, where the body was.
+/// (A login becomes a few hundred bytes, less than its body: its share stays as it is.)
+async fn count_what_was_made(budget: &Budget, items: &mut [Item]) {
+    if !items.iter().any(|item| matches!(item.record, Record::Quarantine(_))) {
+        return;
+    }
+    let mut shares = Vec::new();
+    let mut needs = Vec::new();
+    let mut holders = Vec::new();
+    for item in items.iter_mut() {
+        let Some(share) = item.share.take() else { continue };
+        needs.push(match &item.record {
+            Record::Quarantine(record) => record.footprint(),
+            _ => share.bytes(),
+        });
+        shares.push(share);
+        holders.push(item);
+    }
+    let refitted = budget.refit(shares, &needs).await;
+    for (item, share) in holders.into_iter().zip(refitted) {
+        item.share = Some(share);
+    }
+}
+
 /// The records of a window not yet stored: always a suffix of its logins, then of its quarantine records.
 #[derive(Clone, Copy)]
 struct Pending<'a> {
@@ -481,7 +511,7 @@ enum PassEnd {
 /// database or the queue is in.
 pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<RunSummary, RunError> {
     args.validate()?;
-    let masker = Masker::new(&args.load_mask_key()?);
+    let masker = Masker::new(&args.load_mask_key()?).with_copy_max_bytes(args.quarantine_copy_max_bytes);
     let prometheus = metrics::install();
     let sqs_client = sqs::client(&args.sqs).await;
     let sink =
@@ -530,8 +560,10 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
         }
     };
     let dedup = Dedup::new(args.dedup_capacity, Duration::from_secs(args.dedup_ttl_secs));
+    let budget = Budget::new(args.max_inflight_bytes);
     let stages = Arc::new(Stages {
         transform: Transform { masker, dedup, input_format: args.input_format, vault },
+        budget: budget.clone(),
         processing: Arc::new(tokio::sync::Semaphore::new(args.mask_concurrency)),
         max_ack_lag: acks::max_ack_lag(args.visibility_timeout()),
         sink,
@@ -545,7 +577,6 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
 
     // Source: pollers stop on this token; everything downstream then drains and ends.
     let stop_source = CancellationToken::new();
-    let budget = Budget::new(args.max_inflight_bytes);
     let (to_window, processed) = mpsc::channel::<Vec<Item>>(args.pollers * 2);
     let settings = ReceiveSettings {
         queue_url: args.sqs.queue_url.clone(),
@@ -693,6 +724,7 @@ mod tests {
                 input_format: InputFormat::Auto,
                 vault: None,
             },
+            budget: Budget::new(64 << 20),
             processing: Arc::new(tokio::sync::Semaphore::new(1)),
             max_ack_lag: Duration::from_secs(1),
             sink: Sink::new("postgres://nobody@127.0.0.1:9/none".parse().unwrap(), 1),

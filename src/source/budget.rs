@@ -47,6 +47,13 @@ pub struct Budget {
 #[derive(Debug)]
 pub struct Share(OwnedSemaphorePermit);
 
+impl Share {
+    /// The bytes it holds.
+    pub fn bytes(&self) -> usize {
+        self.0.num_permits()
+    }
+}
+
 impl Budget {
     /// A budget of `capacity` bytes (at least one batch; config enforces it).
     pub fn new(capacity: usize) -> Budget {
@@ -86,10 +93,30 @@ impl Budget {
             Some(largest.max(recent - recent / 8).clamp(SMALL_BODY_BYTES, MAX_BODY_BYTES))
         });
         let total: usize = sizes.iter().sum();
-        let mut batch = reservation;
+        let batch = self.grow(reservation, total).await;
+        Budget::split(batch, &sizes)
+    }
+
+    /// Makes the shares of processed messages hold what each has become (`needs`, one per share:
+    /// a quarantine copy and a sealed original where the body was): more room is taken as in
+    /// [`Budget::shares_for`], room no longer needed goes back.
+    pub async fn refit(&self, shares: Vec<Share>, needs: &[usize]) -> Vec<Share> {
+        let mut shares = shares.into_iter();
+        let Some(mut batch) = shares.next() else { return Vec::new() };
+        for share in shares {
+            batch.0.merge(share.0);
+        }
+        let batch = self.grow(batch, needs.iter().sum()).await;
+        Budget::split(batch, needs)
+    }
+
+    /// `batch` grown to `total` bytes: at once if the room is free; otherwise everything is
+    /// given back and the whole waited for, because holders that each kept their part while
+    /// waiting for more could together hold the budget and wait forever. While it waits, what
+    /// it holds (at most ten messages) is not counted.
+    async fn grow(&self, mut batch: Share, total: usize) -> Share {
         let held = batch.0.num_permits();
         if total > held {
-            // Room at once keeps the bodies counted; otherwise wait without holding anything.
             match self.semaphore.clone().try_acquire_many_owned((total - held).min(self.capacity) as u32) {
                 Ok(more) => batch.0.merge(more),
                 Err(_) => {
@@ -98,9 +125,14 @@ impl Budget {
                 }
             }
         }
+        batch
+    }
+
+    /// One share per size out of `batch`; what is left goes back to the budget.
+    fn split(mut batch: Share, sizes: &[usize]) -> Vec<Share> {
         sizes
-            .into_iter()
-            .map(|size| {
+            .iter()
+            .map(|&size| {
                 // Less only when the batch is larger than the whole budget (an emulator's bodies).
                 let size = size.min(batch.0.num_permits());
                 Share(batch.0.split(size).expect("no more than the permits held"))
@@ -132,6 +164,33 @@ mod tests {
         assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES - 300);
         drop(shares);
         assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES);
+    }
+
+    #[tokio::test]
+    async fn processed_messages_hold_what_they_became() {
+        let budget = Budget::new(2 * MAX_BATCH_BYTES);
+        let shares = budget.shares_for(budget.reserve_batch().await, vec![1_000, 2_000, 3_000]).await;
+        // A body that swelled into a 64 KiB copy, one kept as it was, one that shrank.
+        let refitted = budget.refit(shares, &[65_536, 2_000, 10]).await;
+        assert_eq!(refitted.iter().map(Share::bytes).collect::<Vec<_>>(), [65_536, 2_000, 10]);
+        assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES - 67_546);
+        drop(refitted);
+        assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES);
+        // No room at once: everything is given back and the whole waited for.
+        let hog = budget.acquire(budget.capacity() - 100).await;
+        let shares =
+            budget.shares_for(Share(budget.semaphore.clone().acquire_many_owned(50).await.unwrap()), vec![50]).await;
+        let refit = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.refit(shares, &[1_000]).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!refit.is_finished(), "waits for room");
+        // Its 50 went back: tokio hands free permits to the waiter in line, so none are left free.
+        assert_eq!(budget.available(), 0);
+        drop(hog);
+        let refitted = tokio::time::timeout(std::time::Duration::from_secs(1), refit).await.unwrap().unwrap();
+        assert_eq!(refitted[0].bytes(), 1_000);
     }
 
     #[tokio::test]

@@ -756,6 +756,73 @@ async fn a_flood_of_1_mib_bodies_stays_within_the_byte_budget_and_loses_nothing(
 }
 
 #[tokio::test]
+async fn bodies_that_swell_when_scrubbed_stay_within_the_byte_budget() {
+    let env = TestEnv::new().await;
+    // Every token becomes a 64-character mask: scrubbed whole, each body would be ~8 MiB.
+    let dense = |i: usize| {
+        let mut text = String::new();
+        let mut n = 0usize;
+        while text.len() < 1_000_000 {
+            text.push_str(&format!(
+                "{}.{}.{}.{} 2001:db8::{:x} {:03}-{:02}-{:04} ",
+                10 + i % 200,
+                n % 250,
+                n / 250 % 250,
+                n % 7,
+                n,
+                n % 1000,
+                n % 100,
+                n % 10000
+            ));
+            n += 1;
+        }
+        text
+    };
+    const BODIES: usize = 60;
+    let bodies: Vec<String> = (0..BODIES)
+        .map(|i| match i % 2 {
+            0 => dense(i),
+            _ => serde_json::json!({"user_id": "u", "note": dense(i)}).to_string(),
+        })
+        .collect();
+    assert!(bodies.iter().all(|b| b.len() > 1_000_000 && b.len() <= 1 << 20));
+    let sent = env.send_each(&bodies).await;
+    let budget: u64 = 64 << 20;
+    let mut process = Loginflow::spawn(&env, &["--drain"], &[("MAX_INFLIGHT_BYTES", budget.to_string())]);
+    let pid = process.pid();
+    let mut peak = 0;
+    while process.is_running() {
+        peak = peak_rss(&pid).unwrap_or(0).max(peak);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, summary, logs) = process.finish(Duration::from_secs(10)).await;
+    assert!(ok, "{logs}");
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    assert_eq!(summary["quarantined"], BODIES as u64);
+    let db = env.db().await;
+    let row = db
+        .query_one("SELECT max(octet_length(masked_body)), bool_and(masked_body LIKE '%[truncated by loginflow: %') FROM user_logins_quarantine", &[])
+        .await
+        .unwrap();
+    let (largest_copy, all_marked): (i32, bool) = (row.get(0), row.get(1));
+    assert!(largest_copy as usize <= 64 << 10, "copy of {largest_copy} bytes");
+    assert!(all_marked, "every cut copy says so");
+    let tables = dump_tables(&db).await;
+    for token in ["10.0.0.0", "2001:db8::1 ", "000-00-0000", "010-10-0010"] {
+        assert!(!tables.contains(token), "{token} in the database");
+    }
+    let limit = budget + (64 << 20);
+    assert!(peak > 0 && peak <= limit, "peak RSS {} MiB over the bar of {} MiB", peak >> 20, limit >> 20);
+    println!(
+        "figures: swelling_bodies sent={} body_mib=1 budget_mib={} peak_rss_mib={} largest_copy_bytes={largest_copy} quarantined={} lost={lost} duplicated={duplicated}",
+        sent.len(),
+        budget >> 20,
+        peak >> 20,
+        summary["quarantined"]
+    );
+}
+
+#[tokio::test]
 async fn visibility_extensions_failing_for_a_while_cause_no_redelivery() {
     let env = TestEnv::new().await;
     env.migrated_sink().await;
