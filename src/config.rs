@@ -385,6 +385,9 @@ pub struct RevealArgs {
 pub struct ForgetArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// The masking key: quarantined bodies are found by the keyed fingerprint of the user id.
+    #[command(flatten)]
+    pub mask: MaskKeyArgs,
     /// The user whose sealed values are erased.
     #[arg(long, value_name = "USER_ID", value_parser = not_blank)]
     pub user_id: String,

@@ -118,8 +118,9 @@ async fn command(command: Command) -> anyhow::Result<()> {
             eprintln!("revealed {} rows; the access is recorded in pii_access_log", revealed.len());
         }
         Command::Forget(args) => {
+            let masker = Masker::new(&args.mask.load()?);
             let mut client = vault_connection(&args.database).await?;
-            let erased = commands::forget(&mut client, &args.user_id, &args.reason).await?;
+            let erased = commands::forget(&mut client, &masker, &args.user_id, &args.reason).await?;
             println!(
                 "{}",
                 serde_json::json!({ "user_id": args.user_id, "erased": erased.len(), "message_ids": erased })

@@ -82,6 +82,9 @@ CREATE TABLE IF NOT EXISTS pii_access_log (
     action      text NOT NULL,
     message_ids text[] NOT NULL
 );
+-- Keyed fingerprints of the user ids a sealed quarantined body names: `forget` looks them up.
+ALTER TABLE user_logins_pii ADD COLUMN IF NOT EXISTS user_fingerprints text[];
+CREATE INDEX IF NOT EXISTS user_logins_pii_user_fingerprints ON user_logins_pii USING gin (user_fingerprints);
 -- For analysts: every column, with app_version readable.
 CREATE OR REPLACE VIEW user_logins_readable AS
 SELECT user_id, device_type, masked_ip, masked_device_id, locale,
@@ -92,7 +95,7 @@ FROM user_logins;
 "#;
 
 /// Marks a schema this version of loginflow created (a comment on `user_logins`).
-pub const SCHEMA_VERSION: &str = "loginflow schema 2";
+pub const SCHEMA_VERSION: &str = "loginflow schema 3";
 
 /// Creates or upgrades the schema. Safe to run concurrently and repeatedly. When the schema
 /// is already current it takes no table lock, so a replica starting up never stalls the

@@ -42,6 +42,68 @@ pub fn holds_pii_shape(text: &str) -> bool {
     !spans.is_empty()
 }
 
+/// Most user ids taken from one body.
+const MAX_NAMED_USER_IDS: usize = 32;
+/// Longest user id taken (the `user_id` column's limit).
+const MAX_USER_ID_CHARS: usize = 128;
+
+/// The user ids a body names, as a reader would find them, whatever surrounds them: the value
+/// after a `user`, `user_id`, `userId`, `user-id`, `username` or `uid` key or word (any case),
+/// followed by `:`, `=`, spaces or quotes (JSON members, double-encoded or plain, `key=value`
+/// text, "login by user bob"). A quoted value runs to its closing quote; a bare one to the next
+/// space or punctuation. At most 32, each at most 128 characters. `referred_by: <id>` names
+/// no user.
+pub fn named_user_ids(text: &str) -> Vec<&str> {
+    let lower = text.to_ascii_lowercase();
+    let bytes = text.as_bytes();
+    let mut found = Vec::new();
+    let mut from = 0;
+    while found.len() < MAX_NAMED_USER_IDS {
+        let Some(at) = ["user", "uid"].iter().filter_map(|k| lower[from..].find(k).map(|p| (from + p, k.len()))).min()
+        else {
+            break;
+        };
+        let (start, len) = at;
+        from = start + len;
+        let mut i = from;
+        if lower.as_bytes()[start] == b'u' && len == 4 {
+            for suffix in ["_id", "-id", "id", "_name", "name"] {
+                if lower[i..].starts_with(suffix) {
+                    i += suffix.len();
+                    break;
+                }
+            }
+        }
+        let separators_start = i;
+        let mut quoted = false;
+        while let Some(&b) = bytes.get(i) {
+            match b {
+                b':' | b'=' | b' ' | b'\t' | b'\\' => i += 1,
+                b'"' | b'\'' => {
+                    quoted = true;
+                    i += 1;
+                }
+                _ => break,
+            }
+        }
+        if i == separators_start {
+            continue;
+        }
+        let rest = &text[i..];
+        let end = if quoted {
+            rest.find(['"', '\\', '\'']).unwrap_or(rest.len())
+        } else {
+            rest.find(|c: char| c.is_whitespace() || ",;)}]&\"'\\<>".contains(c)).unwrap_or(rest.len())
+        };
+        let id = rest[..end].trim();
+        if !id.is_empty() && id.chars().count() <= MAX_USER_ID_CHARS {
+            found.push(id);
+        }
+        from = i;
+    }
+    found
+}
+
 /// Overwrites every UUID-shaped run with `x`, so its digit groups are not read as a device id.
 fn blank_uuids(bytes: &mut [u8]) {
     const GROUPS: [usize; 5] = [8, 4, 4, 4, 12];
@@ -229,6 +291,23 @@ mod tests {
             "12:30:45",
         ] {
             assert!(!holds_pii_shape(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_user_ids_a_body_names_are_found_whatever_surrounds_them() {
+        let cases: [(&str, &[&str]); 8] = [
+            (r#"{"user_id":"u-1","ip":"1.2.3.4"}"#, &["u-1"]),
+            (r#"{ "userId" : "u 2", "x": 1}"#, &["u 2"]),
+            (r#""{\"user_id\":\"u-3\"}""#, &["u-3"]),
+            ("login by user u-4 from somewhere", &["u-4"]),
+            ("uid=u-5&ip=1.2.3.4", &["u-5"]),
+            (r#"{"user_id":"other","referred_by":"u-6"}"#, &["other"]),
+            (r#"{"user_agent":"Mozilla","UserName":"ユーザー"}"#, &["ユーザー"]),
+            ("no one here", &[]),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(named_user_ids(text), expected, "{text}");
         }
     }
 

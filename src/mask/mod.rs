@@ -69,6 +69,21 @@ impl Masker {
         std::str::from_utf8(&text).expect("hex digits are ASCII").to_owned()
     }
 
+    /// The keyed fingerprint of a user id, by which `forget` finds the sealed bodies naming the
+    /// user: apart from the masks (a prefix), so it cannot be matched against a masked column.
+    pub fn user_fingerprint(&self, user_id: &str) -> String {
+        self.mask(&format!("loginflow user_id:{user_id}"))
+    }
+
+    /// The fingerprints of the user ids `body` names ([`crate::shapes::named_user_ids`]).
+    pub fn user_fingerprints(&self, body: &str) -> Vec<String> {
+        let mut fingerprints: Vec<String> =
+            crate::shapes::named_user_ids(body).into_iter().map(|id| self.user_fingerprint(id)).collect();
+        fingerprints.sort_unstable();
+        fingerprints.dedup();
+        fingerprints
+    }
+
     /// Turns a valid login into the only record type the sink accepts.
     pub fn mask_login(&self, login: ValidLogin, meta: MessageMeta) -> MaskedLogin {
         MaskedLogin {

@@ -35,7 +35,7 @@ use crate::retry::Backoff;
 use crate::sink::{Committed, ErrorClass, Sink, SinkError};
 use crate::source::envelope::{self, InputFormat, Unwrapped};
 use crate::source::{Ack, Budget, Envelope, InFlight, ReceiveSettings, Share};
-use crate::vault::{DataKey, Vault};
+use crate::vault::{DataKey, Sealed, Vault};
 use crate::{http, metrics, source, sqs};
 use acks::Stored;
 pub use summary::RunSummary;
@@ -152,7 +152,10 @@ pub fn to_record(
             Record::Login(MaskedLogin { sealed, ..masker.mask_login(login, meta) })
         }
         Err(rejection) => {
-            let sealed = key.map(|key| key.seal_body(&meta.message_id, received));
+            let sealed = key.map(|key| Sealed {
+                user_fingerprints: Some(masker.user_fingerprints(received)),
+                ..key.seal_body(&meta.message_id, received)
+            });
             Record::Quarantine(QuarantineRecord { sealed, ..masker.quarantine(rejection, event, meta) })
         }
     }

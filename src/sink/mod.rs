@@ -97,17 +97,20 @@ DELETE FROM user_logins_quarantine q
 WHERE q.message_id = ANY($1) AND EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = q.message_id)";
 
 const INSERT_SEALED: &str = "\
-INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_id, sealed_body)
-SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[])
+INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_id, sealed_body, user_fingerprints)
+SELECT m, k, ip, dev, body, string_to_array(fp, ' ')
+FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[], $6::text[]) AS v(m, k, ip, dev, body, fp)
 ON CONFLICT (message_id) DO NOTHING";
 
 /// [`INSERT_SEALED`] for `quarantine replay`: a refused row's record replayed and still
 /// quarantined gets the event rebuilt from it as its sealed body, so its next replay has it whatever
 /// its new clear copy (unless erased, sealed with another key, or stored as a row meanwhile).
 const UPSERT_SEALED: &str = "\
-INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_id, sealed_body)
-SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[])
-ON CONFLICT (message_id) DO UPDATE SET sealed_body = EXCLUDED.sealed_body
+INSERT INTO user_logins_pii (message_id, data_key_id, sealed_ip, sealed_device_id, sealed_body, user_fingerprints)
+SELECT m, k, ip, dev, body, string_to_array(fp, ' ')
+FROM UNNEST($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::bytea[], $6::text[]) AS v(m, k, ip, dev, body, fp)
+ON CONFLICT (message_id) DO UPDATE SET sealed_body = EXCLUDED.sealed_body,
+    user_fingerprints = COALESCE(EXCLUDED.user_fingerprints, user_logins_pii.user_fingerprints)
 WHERE user_logins_pii.sealed_body IS NULL AND user_logins_pii.erased_at IS NULL
   AND EXCLUDED.sealed_body IS NOT NULL AND user_logins_pii.data_key_id = EXCLUDED.data_key_id
   AND NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = EXCLUDED.message_id)";
@@ -719,8 +722,10 @@ async fn insert_sealed<'a>(
         let ips: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.ip.as_deref()).collect();
         let devices: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.device_id.as_deref()).collect();
         let bodies: Vec<Option<&[u8]>> = chunk.iter().map(|(_, s)| s.body.as_deref()).collect();
+        let fingerprints: Vec<Option<String>> =
+            chunk.iter().map(|(_, s)| s.user_fingerprints.as_ref().map(|f| f.join(" "))).collect();
         let statement = tx.prepare_cached(if replace { UPSERT_SEALED } else { INSERT_SEALED }).await?;
-        tx.execute(&statement, &[&ids, &keys, &ips, &devices, &bodies]).await?;
+        tx.execute(&statement, &[&ids, &keys, &ips, &devices, &bodies, &fingerprints]).await?;
     }
     Ok(())
 }

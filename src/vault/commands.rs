@@ -7,6 +7,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{db_error, Column, KeyRing, VaultError};
+use crate::mask::Masker;
 
 /// Which rows `reveal` opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,26 +165,31 @@ fn user_id_pattern(user_id: &str) -> String {
 }
 
 /// Erases a user's sealed values (their masks stay): those of their rows, and the sealed bodies
-/// of quarantined messages that name them. Returns the message ids erased.
+/// of quarantined messages that name them, found by the keyed fingerprint of the user id (see
+/// [`Masker::user_fingerprints`]); bodies sealed before fingerprints existed, and refused rows
+/// (whose clear copy holds their `user_id` as a field), by a text match on the clear copy.
+/// Returns the message ids erased.
 pub async fn forget(
     client: &mut tokio_postgres::Client,
+    masker: &Masker,
     user_id: &str,
     reason: &str,
 ) -> Result<Vec<String>, VaultError> {
     let pattern = user_id_pattern(user_id);
+    let fingerprint = masker.user_fingerprint(user_id);
     let tx = client.transaction().await.map_err(db_error)?;
     crate::sink::take_erasure_lock(&tx).await.map_err(db_error)?;
     let rows = tx
         .query(
             "UPDATE user_logins_pii p
              SET sealed_ip = NULL, sealed_device_id = NULL, sealed_body = NULL, erased_at = now()
-             WHERE p.erased_at IS NULL AND p.message_id IN (
-                 SELECT message_id FROM user_logins WHERE user_id = $1
-                 UNION ALL
-                 -- Quarantined bodies of the user: their clear copy keeps user_id as it came.
-                 SELECT message_id FROM user_logins_quarantine WHERE masked_body ~ $2)
+             WHERE p.erased_at IS NULL AND (
+                 p.message_id IN (SELECT message_id FROM user_logins WHERE user_id = $1)
+                 OR p.user_fingerprints @> ARRAY[$3::text]
+                 OR (p.user_fingerprints IS NULL AND p.message_id IN (
+                     SELECT message_id FROM user_logins_quarantine WHERE masked_body ~ $2)))
              RETURNING p.message_id",
-            &[&user_id, &pattern],
+            &[&user_id, &pattern, &fingerprint],
         )
         .await
         .map_err(db_error)?;

@@ -58,6 +58,9 @@ pub struct Sealed {
     pub ip: Option<Vec<u8>>,
     pub device_id: Option<Vec<u8>>,
     pub body: Option<Vec<u8>>,
+    /// Keyed fingerprints of the user ids a sealed body names ([`crate::mask::Masker::user_fingerprints`]),
+    /// so `forget` finds it by lookup; `None` for a login's values (found by its row's `user_id`).
+    pub user_fingerprints: Option<Vec<String>>,
 }
 
 /// Errors of the vault.
@@ -115,6 +118,7 @@ impl DataKey {
             ip: Some(self.seal(message_id, Column::Ip, login.ip.expose().as_bytes())),
             device_id: Some(self.seal(message_id, Column::DeviceId, login.device_id.expose().as_bytes())),
             body: None,
+            user_fingerprints: None,
         }
     }
 
@@ -125,6 +129,7 @@ impl DataKey {
             ip: None,
             device_id: None,
             body: Some(self.seal(message_id, Column::Body, body.as_bytes())),
+            user_fingerprints: None,
         }
     }
 

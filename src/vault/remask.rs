@@ -147,7 +147,7 @@ impl Job<'_> {
             let ids: Vec<String> = page.iter().filter(|q| q.key.is_some()).map(|q| q.message_id.clone()).collect();
             audit(&**client, "remask", why, &ids).await.map_err(db_error)?;
 
-            let (mut done_ids, mut bodies) = (Vec::new(), Vec::new());
+            let (mut done_ids, mut bodies, mut fingerprints) = (Vec::new(), Vec::new(), Vec::new());
             for row in &page {
                 let Some((key_id, wrapped)) = &row.key else { continue };
                 let Some(key) = self.keys.key(*key_id, wrapped).await? else {
@@ -158,6 +158,11 @@ impl Job<'_> {
                     Ok(Some(original)) => {
                         let sent_at = row.sent_at.unwrap_or_else(chrono::Utc::now);
                         let meta = MessageMeta { message_id: row.message_id.clone(), sent_at };
+                        // A received body's user fingerprints follow the key, so `forget` keeps finding it.
+                        fingerprints.push(match &original {
+                            Original::Received(body) => Some(masker.user_fingerprints(body).join(" ")),
+                            Original::Rebuilt(_) => None,
+                        });
                         quarantine_copy(masker, meta, &original, &row.masked_body)
                     }
                     Ok(None) => continue,
@@ -179,6 +184,14 @@ impl Job<'_> {
                 )
                 .await
                 .map_err(db_error)?;
+            tx.execute(
+                "UPDATE user_logins_pii p SET user_fingerprints = string_to_array(v.fingerprints, ' ')
+                 FROM UNNEST($1::text[], $2::text[]) AS v(message_id, fingerprints)
+                 WHERE p.message_id = v.message_id AND v.fingerprints IS NOT NULL",
+                &[&done_ids, &fingerprints],
+            )
+            .await
+            .map_err(db_error)?;
             tx.commit().await.map_err(db_error)?;
         }
     }

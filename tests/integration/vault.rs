@@ -453,10 +453,14 @@ async fn forget_erases_the_quarantined_bodies_that_name_the_user_and_no_others()
         malformed(&other),
         // Another user's body that mentions the id under another key is not theirs.
         serde_json::json!({"user_id": other, "referred_by": user, "ip": "203.0.113.11"}).to_string(),
+        // Under another key, in free text, in a body that is not JSON: still the user's.
+        serde_json::json!({"userId": user, "ip": "203.0.113.12"}).to_string(),
+        serde_json::json!({"note": format!("login by user {user} from 203.0.113.13")}).to_string(),
+        format!("user_id={user} ip=203.0.113.14 (cut sho"),
     ];
     let ids = env.publish_with_ids(&bodies).await;
     let summary = env.drain(&["--pii-kms-key-id", &key]).await;
-    assert_eq!((summary.written, summary.quarantined), (1, 5));
+    assert_eq!((summary.written, summary.quarantined), (1, 8));
 
     let out = run_binary(&env, &["forget", "--user-id", &user, "--reason", "erasure request 7"], &[]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -469,9 +473,10 @@ async fn forget_erases_the_quarantined_bodies_that_name_the_user_and_no_others()
         .map(|r| r.get(0))
         .collect();
     let mut expected = ids[..4].to_vec();
+    expected.extend_from_slice(&ids[6..]);
     expected.sort();
-    assert_eq!(erased, expected, "the user's row and the three quarantined bodies naming them");
-    for id in &ids[4..] {
+    assert_eq!(erased, expected, "the user's row and the six quarantined bodies naming them");
+    for id in &ids[4..6] {
         let kept: Option<Vec<u8>> =
             db.query_one("SELECT sealed_body FROM user_logins_pii WHERE message_id = $1", &[id]).await.unwrap().get(0);
         assert!(kept.is_some(), "another user's quarantined body stays sealed");
