@@ -282,6 +282,13 @@ async fn new_data_key(kms: &aws_sdk_kms::Client, kms_key_id: &str, sink: &Sink) 
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_data_keys_cipher_state_is_zeroed_when_dropped() {
+        // Compiles only with `aes`'s `zeroize` feature on (Cargo.toml; `ghash`'s zeroes its key in its Drop).
+        fn zeroed_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroed_on_drop::<aes::Aes256>();
+    }
+
     fn key() -> DataKey {
         DataKey::from_plaintext(Uuid::new_v4(), vec![7u8; 32]).unwrap()
     }
