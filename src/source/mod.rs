@@ -26,6 +26,9 @@ const EXTENSION_CONCURRENCY: usize = 16;
 /// Longest pause between two rounds of visibility extension.
 const EXTENSION_TICK_MAX: Duration = Duration::from_secs(5);
 
+/// How long a stopping poller waits for its long poll in flight, and for releasing what it brought.
+const RECEIVE_AFTER_STOP: Duration = Duration::from_secs(1);
+
 /// Most messages one ReceiveMessage / batch call handles (an SQS limit).
 pub const SQS_BATCH_LIMIT: usize = 10;
 
@@ -226,9 +229,19 @@ pub async fn receive_loop<T, F, Fut>(
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .message_attribute_names(crate::redrive::ORIGINAL_ID_ATTRIBUTE)
             .send();
+        tokio::pin!(request);
         let result = tokio::select! {
-            _ = stop.cancelled() => return,
-            result = request => result,
+            result = &mut request => result,
+            _ = stop.cancelled() => {
+                // A long poll in flight may still bring messages: made visible again at once, not
+                // left invisible until their timeout (a poll that brings none is dropped after the wait).
+                if let Ok(Ok(output)) = tokio::time::timeout(RECEIVE_AFTER_STOP, request).await {
+                    let receipts: Vec<Arc<str>> =
+                        output.messages.unwrap_or_default().into_iter().filter_map(|m| m.receipt_handle.map(Arc::from)).collect();
+                    release_at_stop(&client, &settings.queue_url, &receipts).await;
+                }
+                return;
+            }
         };
         let messages = match result {
             Ok(output) => {
@@ -269,8 +282,9 @@ pub async fn receive_loop<T, F, Fut>(
             sent = out.send(processed) => sent.is_ok(),
         };
         if !sent {
-            // Never stored: the queue redelivers these once their visibility timeout ends.
+            // Never stored, and nothing downstream will take them: visible again at once.
             in_flight.release(&receipts);
+            release_at_stop(&client, &settings.queue_url, &receipts).await;
             return;
         }
     }
@@ -316,6 +330,16 @@ pub async fn extend_visibility(
 /// Makes messages visible again at once, so the queue redelivers them (and, past the redrive
 /// policy's receive count, moves them to the dead-letter queue). Best effort: a message whose
 /// call fails comes back when its visibility timeout ends anyway.
+/// [`release_for_redelivery`] of messages received after the stop began, counted as released
+/// at shutdown; bounded, so a stalled queue service cannot hold the stop.
+async fn release_at_stop(client: &Client, queue_url: &str, receipts: &[Arc<str>]) {
+    if receipts.is_empty() {
+        return;
+    }
+    metrics::counter!(metrics::MESSAGES_RELEASED, "reason" => "shutdown").increment(receipts.len() as u64);
+    let _ = tokio::time::timeout(RECEIVE_AFTER_STOP, release_for_redelivery(client, queue_url, receipts)).await;
+}
+
 pub async fn release_for_redelivery(client: &Client, queue_url: &str, receipts: &[Arc<str>]) {
     let calls: Vec<_> =
         receipts.chunks(SQS_BATCH_LIMIT).map(|chunk| change_visibility(client, queue_url, chunk, 0)).collect();

@@ -598,3 +598,25 @@ async fn an_address_or_device_id_in_a_clear_field_quarantines_the_record_naming_
         assert!(!tables.contains(raw), "raw {raw} in the database");
     }
 }
+
+/// Messages a long poll brings after shutdown began are never processed: they are made visible
+/// again at once, not left invisible until their visibility timeout.
+#[tokio::test]
+async fn messages_received_after_the_stop_began_are_visible_again_at_once() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let mut args = env.run_args(&["--receive-wait-secs", "20", "--visibility-timeout-secs", "300"]);
+    args.drain = false;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(loginflow::run(args, async move {
+        let _ = stopped.await;
+    }));
+    // The pollers are in their long polls on the empty queue.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    stop.send(()).unwrap();
+    let sent = env.send_each(&synthetic_bodies(5, 31)).await;
+    let summary = tokio::time::timeout(std::time::Duration::from_secs(30), run).await.unwrap().unwrap().unwrap();
+    assert_eq!(summary.written, 0, "nothing is processed after the stop");
+    let depth = loginflow::sqs::queue_depth(&env.sqs, &env.queue_url).await.unwrap();
+    assert_eq!((depth.visible, depth.in_flight), (sent.len() as u64, 0), "{depth:?}");
+}
