@@ -32,7 +32,7 @@ use crate::decode::{decode, Reason, Rejection};
 use crate::dedup::{Dedup, Fingerprint};
 use crate::mask::{MaskedLogin, Masker, MessageMeta, QuarantineRecord};
 use crate::retry::Backoff;
-use crate::sink::{Committed, ErrorClass, Sink, SinkError};
+use crate::sink::{Committed, ErrorClass, Part, Sink, SinkError};
 use crate::source::envelope::{self, InputFormat, Unwrapped};
 use crate::source::{Ack, Budget, Envelope, InFlight, ReceiveSettings, Share};
 use crate::vault::{DataKey, Sealed, Vault};
@@ -352,7 +352,8 @@ impl Stages {
     async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
         let mut backoff = Backoff::new(self.max_backoff);
         let mut failures = 0;
-        let mut pending = Pending { logins: &window.logins, quarantine: &window.quarantine };
+        // The records not yet stored: always a suffix of the window's logins, then of its quarantine records.
+        let mut pending = Part { logins: &window.logins, quarantine: &window.quarantine };
         let mut committed = Committed::default();
         loop {
             match self.sink.write(pending.logins, pending.quarantine, &self.abort).await {
@@ -406,14 +407,14 @@ impl Stages {
     /// record whose write fails while the database takes writes is reported unstorable. Stops
     /// ([`PassEnd::Held`]) when the database stops taking writes, or when the pass has run for
     /// [`RECORD_PASS_DEADLINE`]: the records left then wait with the rest of the window.
-    async fn write_record_by_record(&self, pending: &mut Pending<'_>, committed: &mut Committed) -> PassEnd {
+    async fn write_record_by_record(&self, pending: &mut Part<'_>, committed: &mut Committed) -> PassEnd {
         tracing::warn!(
             messages = pending.len(),
             attempts = WINDOW_ATTEMPTS,
             "the database takes writes but this batch keeps failing; writing its records one by one"
         );
         let deadline = tokio::time::Instant::now() + RECORD_PASS_DEADLINE;
-        while let Some((record, rest)) = pending.split_first() {
+        while let Some((record, message_id, rest)) = pending.split_first() {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
                     left = pending.len(),
@@ -421,8 +422,7 @@ impl Stages {
                 );
                 return PassEnd::Held;
             }
-            let (logins, quarantine, message_id) = record;
-            match self.sink.write(logins, quarantine, &self.abort).await {
+            match self.sink.write(record.logins, record.quarantine, &self.abort).await {
                 Ok(done) => committed.add(done),
                 Err(SinkError::Cancelled) => return PassEnd::Cancelled,
                 Err(err) => {
@@ -471,30 +471,6 @@ async fn count_what_was_made(budget: &Budget, items: &mut [Item]) {
     let refitted = budget.refit(shares, &needs).await;
     for (item, share) in holders.into_iter().zip(refitted) {
         item.share = Some(share);
-    }
-}
-
-/// The records of a window not yet stored: always a suffix of its logins, then of its quarantine records.
-#[derive(Clone, Copy)]
-struct Pending<'a> {
-    logins: &'a [MaskedLogin],
-    quarantine: &'a [QuarantineRecord],
-}
-
-impl<'a> Pending<'a> {
-    fn len(&self) -> usize {
-        self.logins.len() + self.quarantine.len()
-    }
-
-    /// The first record alone (as slices the sink takes, with its message id), and what follows it.
-    #[allow(clippy::type_complexity)]
-    fn split_first(&self) -> Option<((&'a [MaskedLogin], &'a [QuarantineRecord], &'a str), Pending<'a>)> {
-        if let Some((login, logins)) = self.logins.split_first() {
-            let first = (std::slice::from_ref(login), &[][..], login.message_id.as_str());
-            return Some((first, Pending { logins, quarantine: self.quarantine }));
-        }
-        let (record, quarantine) = self.quarantine.split_first()?;
-        Some(((&[][..], std::slice::from_ref(record), record.message_id.as_str()), Pending { logins: &[], quarantine }))
     }
 }
 

@@ -448,14 +448,31 @@ fn with_deadlines(config: &mut tokio_postgres::Config, flush_timeout: Duration) 
 
 /// A slice of a window: logins first, then quarantine records.
 #[derive(Clone, Copy)]
-struct Part<'a> {
-    logins: &'a [MaskedLogin],
-    quarantine: &'a [QuarantineRecord],
+pub struct Part<'a> {
+    pub logins: &'a [MaskedLogin],
+    pub quarantine: &'a [QuarantineRecord],
 }
 
 impl<'a> Part<'a> {
-    fn len(&self) -> usize {
+    /// Records in it.
+    pub fn len(&self) -> usize {
         self.logins.len() + self.quarantine.len()
+    }
+
+    /// Whether it holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its first record alone, that record's message id, and the part after it.
+    pub fn split_first(&self) -> Option<(Part<'a>, &'a str, Part<'a>)> {
+        if let Some((login, logins)) = self.logins.split_first() {
+            let first = Part { logins: std::slice::from_ref(login), quarantine: &[] };
+            return Some((first, &login.message_id, Part { logins, quarantine: self.quarantine }));
+        }
+        let (record, quarantine) = self.quarantine.split_first()?;
+        let first = Part { logins: &[], quarantine: std::slice::from_ref(record) };
+        Some((first, &record.message_id, Part { logins: &[], quarantine }))
     }
 
     fn halves(self) -> (Part<'a>, Part<'a>) {
@@ -520,7 +537,7 @@ async fn store_isolating<'a>(
     let mut refused = Vec::new();
     let mut pending = vec![part];
     while let Some(part) = pending.pop() {
-        if part.len() == 0 {
+        if part.is_empty() {
             continue;
         }
         match write_transaction(client, mode, part).await {
@@ -758,7 +775,7 @@ mod tests {
         let mut pending = vec![Part { logins: &logins, quarantine: &quarantine }];
         let mut singles = Vec::new();
         while let Some(part) = pending.pop() {
-            assert!(part.len() > 0, "no empty halves");
+            assert!(!part.is_empty(), "no empty halves");
             if part.len() == 1 {
                 let id = part.logins.first().map(|l| &l.message_id).or(part.quarantine.first().map(|q| &q.message_id));
                 singles.push(id.unwrap().clone());

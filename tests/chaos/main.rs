@@ -709,6 +709,30 @@ fn peak_rss(pid: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Sends each body on its own and drains them with `MAX_INFLIGHT_BYTES` = `budget`, sampling the
+/// process's peak RSS; asserts the drain succeeded, each message is stored once, and the peak is
+/// within the bar (budget + 64 MiB). Returns (sent ids, peak bytes, summary, logs, lost, duplicated).
+async fn drain_within_the_byte_budget(
+    env: &TestEnv,
+    bodies: &[String],
+    budget: u64,
+) -> (Vec<String>, u64, Value, String, usize, usize) {
+    let sent = env.send_each(bodies).await;
+    let mut process = Loginflow::spawn(env, &["--drain"], &[("MAX_INFLIGHT_BYTES", budget.to_string())]);
+    let pid = process.pid();
+    let mut peak = 0;
+    while process.is_running() {
+        peak = peak_rss(&pid).unwrap_or(0).max(peak);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, summary, logs) = process.finish(Duration::from_secs(10)).await;
+    assert!(ok, "{logs}");
+    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    let limit = budget + (64 << 20);
+    assert!(peak > 0 && peak <= limit, "peak RSS {} MiB over the bar of {} MiB", peak >> 20, limit >> 20);
+    (sent, peak, summary, logs, lost, duplicated)
+}
+
 #[tokio::test]
 async fn a_flood_of_1_mib_bodies_stays_within_the_byte_budget_and_loses_nothing() {
     let env = TestEnv::new().await;
@@ -727,22 +751,10 @@ async fn a_flood_of_1_mib_bodies_stays_within_the_byte_budget_and_loses_nothing(
         bodies.push(value.to_string());
     }
     assert!(bodies.iter().all(|b| b.len() > 1_000_000 && b.len() <= 1 << 20));
-    let sent = env.send_each(&bodies).await;
     let budget: u64 = 64 << 20;
-    let mut process = Loginflow::spawn(&env, &["--drain"], &[("MAX_INFLIGHT_BYTES", budget.to_string())]);
-    let pid = process.pid();
-    let mut peak = 0;
-    while process.is_running() {
-        peak = peak_rss(&pid).unwrap_or(0).max(peak);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (ok, summary, logs) = process.finish(Duration::from_secs(10)).await;
-    assert!(ok, "{logs}");
-    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    let (sent, peak, summary, logs, lost, duplicated) = drain_within_the_byte_budget(&env, &bodies, budget).await;
     assert_eq!(summary["written"], (BODIES / 2) as u64);
     assert_eq!(summary["quarantined"], (BODIES / 2) as u64);
-    let limit = budget + (64 << 20);
-    assert!(peak > 0 && peak <= limit, "peak RSS {} MiB over the bar of {} MiB", peak >> 20, limit >> 20);
     assert_no_pii(&env, &bodies, &logs).await;
     println!(
         "figures: big_bodies sent={} body_mib=1 total_mib={} budget_mib={} peak_rss_mib={} written={} quarantined={} lost={lost} duplicated={duplicated}",
@@ -786,18 +798,8 @@ async fn bodies_that_swell_when_scrubbed_stay_within_the_byte_budget() {
         })
         .collect();
     assert!(bodies.iter().all(|b| b.len() > 1_000_000 && b.len() <= 1 << 20));
-    let sent = env.send_each(&bodies).await;
     let budget: u64 = 64 << 20;
-    let mut process = Loginflow::spawn(&env, &["--drain"], &[("MAX_INFLIGHT_BYTES", budget.to_string())]);
-    let pid = process.pid();
-    let mut peak = 0;
-    while process.is_running() {
-        peak = peak_rss(&pid).unwrap_or(0).max(peak);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (ok, summary, logs) = process.finish(Duration::from_secs(10)).await;
-    assert!(ok, "{logs}");
-    let (lost, duplicated) = env.assert_each_once(&sent, &[]).await;
+    let (sent, peak, summary, _logs, lost, duplicated) = drain_within_the_byte_budget(&env, &bodies, budget).await;
     assert_eq!(summary["quarantined"], BODIES as u64);
     let db = env.db().await;
     let row = db
@@ -811,8 +813,6 @@ async fn bodies_that_swell_when_scrubbed_stay_within_the_byte_budget() {
     for token in ["10.0.0.0", "2001:db8::1 ", "000-00-0000", "010-10-0010"] {
         assert!(!tables.contains(token), "{token} in the database");
     }
-    let limit = budget + (64 << 20);
-    assert!(peak > 0 && peak <= limit, "peak RSS {} MiB over the bar of {} MiB", peak >> 20, limit >> 20);
     println!(
         "figures: swelling_bodies sent={} body_mib=1 budget_mib={} peak_rss_mib={} largest_copy_bytes={largest_copy} quarantined={} lost={lost} duplicated={duplicated}",
         sent.len(),
