@@ -17,6 +17,8 @@ pub const USER_ID_MAX_CHARS: usize = 128;
 pub const DEVICE_TYPE_MAX_CHARS: usize = 32;
 pub const LOCALE_MAX_CHARS: usize = 32;
 pub const APP_VERSION_MAX_CHARS: usize = 32;
+/// Shortest `device_id` looked for in the clear fields (a shorter one is too likely to turn up by chance).
+const MIN_OWN_DEVICE_ID_CHARS: usize = 6;
 /// Longest accepted raw `device_id`; it is stored only as a 64-character mask.
 pub const DEVICE_ID_MAX_CHARS: usize = 256;
 
@@ -260,6 +262,23 @@ pub fn decode(body: &str) -> Result<ValidLogin, Rejection> {
         }
     }
     let version_text = clear("app_version", required_text("app_version", wire.app_version, APP_VERSION_MAX_CHARS)?)?;
+    // The record's own address or device id copied into a clear field, whatever its shape.
+    let canonical_ip = shapes::canonical_ip(ip);
+    let mut own: Vec<&str> = vec![&ip_text, &canonical_ip];
+    if device_id.chars().count() >= MIN_OWN_DEVICE_ID_CHARS {
+        own.push(&device_id);
+    }
+    let clear_fields = [
+        ("user_id", Some(&*user_id)),
+        ("device_type", Some(&*device_type)),
+        ("locale", locale.as_deref()),
+        ("app_version", Some(&*version_text)),
+    ];
+    for (field, value) in clear_fields {
+        if value.is_some_and(|value| own.iter().any(|own| value.contains(own))) {
+            return Err(Rejection::new(Reason::PiiInField, field));
+        }
+    }
     let app_version =
         AppVersion::parse(&version_text).ok_or_else(|| Rejection::new(Reason::InvalidAppVersion, "app_version"))?;
 
@@ -267,7 +286,7 @@ pub fn decode(body: &str) -> Result<ValidLogin, Rejection> {
         user_id: user_id.into_owned(),
         device_type: device_type.into_owned(),
         // The canonical text form: equal addresses written differently mask alike.
-        ip: Pii(shapes::canonical_ip(ip)),
+        ip: Pii(canonical_ip),
         device_id: Pii(device_id.into_owned()),
         locale,
         app_version,
@@ -391,6 +410,14 @@ mod tests {
         ] {
             assert_eq!(reason(&with(field, value)), (Reason::PiiInField, Some(field.into())), "{field} {value}");
         }
+    }
+
+    #[test]
+    fn a_clear_field_holding_the_records_own_device_id_is_refused() {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        v["device_id"] = "abcdef123".into();
+        v["user_id"] = "user abcdef123".into();
+        assert_eq!(reason(&v.to_string()), (Reason::PiiInField, Some("user_id".into())));
     }
 
     #[test]

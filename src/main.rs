@@ -72,7 +72,12 @@ async fn command(command: Command) -> anyhow::Result<()> {
             }
         },
         Command::Migrate(args) => {
-            Sink::new(args.database_url, 1).migrate().await.context("migration failed")?;
+            let sink = Sink::new(args.database_url, 1);
+            sink.migrate().await.context("migration failed")?;
+            let client = sink.client().await.context("cannot use the database in DATABASE_URL")?;
+            loginflow::schema::create_lookup_indexes(&client)
+                .await
+                .context("building the vault's lookup index failed")?;
             println!("schema is up to date");
         }
         Command::Seed(args) => {

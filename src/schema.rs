@@ -83,8 +83,8 @@ CREATE TABLE IF NOT EXISTS pii_access_log (
     message_ids text[] NOT NULL
 );
 -- Keyed fingerprints of the user ids a sealed quarantined body names: `forget` looks them up.
+-- Its index is built by `loginflow migrate` (`create_lookup_indexes`), concurrently: never under `run`'s locks.
 ALTER TABLE user_logins_pii ADD COLUMN IF NOT EXISTS user_fingerprints text[];
-CREATE INDEX IF NOT EXISTS user_logins_pii_user_fingerprints ON user_logins_pii USING gin (user_fingerprints);
 -- For analysts: every column, with app_version readable.
 CREATE OR REPLACE VIEW user_logins_readable AS
 SELECT user_id, device_type, masked_ip, masked_device_id, locale,
@@ -109,6 +109,18 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), tokio_po
     tx.batch_execute(SCHEMA_SQL).await?;
     tx.batch_execute(&format!("COMMENT ON TABLE user_logins IS '{SCHEMA_VERSION}'")).await?;
     tx.commit().await
+}
+
+/// Indexes that only speed up the vault's commands, built without blocking writers (`CREATE
+/// INDEX CONCURRENTLY`, outside any transaction) by `loginflow migrate`: on a large vault they
+/// take long, which must not happen under `run`'s migration locks and statement deadline.
+pub async fn create_lookup_indexes(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS user_logins_pii_user_fingerprints
+             ON user_logins_pii USING gin (user_fingerprints)",
+        )
+        .await
 }
 
 async fn schema_is_current(client: &impl GenericClient) -> Result<bool, tokio_postgres::Error> {

@@ -51,6 +51,8 @@ pub fn holds_pii_shape(text: &str) -> bool {
 const MAX_NAMED_USER_IDS: usize = 32;
 /// Longest user id taken (the `user_id` column's limit).
 const MAX_USER_ID_CHARS: usize = 128;
+/// Most `user` / `uid` words looked at in one body, ids or not: the scan stays linear and bounded.
+const MAX_CANDIDATES: usize = 10_000;
 
 /// The user ids a body names, as a reader would find them, whatever surrounds them: the value
 /// after a `user`, `user_id`, `userId`, `user-id`, `username` or `uid` key or word (any case),
@@ -59,54 +61,66 @@ const MAX_USER_ID_CHARS: usize = 128;
 /// space or punctuation. At most 32, each at most 128 characters. `referred_by: <id>` names
 /// no user.
 pub fn named_user_ids(text: &str) -> Vec<&str> {
-    let lower = text.to_ascii_lowercase();
     let bytes = text.as_bytes();
     let mut found = Vec::new();
-    let mut from = 0;
-    while found.len() < MAX_NAMED_USER_IDS {
-        let Some(at) = ["user", "uid"].iter().filter_map(|k| lower[from..].find(k).map(|p| (from + p, k.len()))).min()
-        else {
-            break;
+    let (mut i, mut candidates) = (0, 0);
+    // One pass: each `u` is looked at once, and each candidate reads a bounded window.
+    while found.len() < MAX_NAMED_USER_IDS && candidates < MAX_CANDIDATES {
+        let Some(offset) = bytes.get(i..).and_then(|rest| rest.iter().position(|&b| b | 0x20 == b'u')) else { break };
+        let at = i + offset;
+        i = at + 1;
+        let mut j = match () {
+            () if starts_with_ignoring_case(bytes, at, b"user") => at + 4,
+            () if starts_with_ignoring_case(bytes, at, b"uid") => at + 3,
+            () => continue,
         };
-        let (start, len) = at;
-        from = start + len;
-        let mut i = from;
-        if lower.as_bytes()[start] == b'u' && len == 4 {
-            for suffix in ["_id", "-id", "id", "_name", "name"] {
-                if lower[i..].starts_with(suffix) {
-                    i += suffix.len();
-                    break;
-                }
+        candidates += 1;
+        if j == at + 4 {
+            if let Some(suffix) = [&b"_id"[..], b"-id", b"id", b"_name", b"name"]
+                .into_iter()
+                .find(|suffix| starts_with_ignoring_case(bytes, j, suffix))
+            {
+                j += suffix.len();
             }
         }
-        let separators_start = i;
-        let mut quoted = false;
-        while let Some(&b) = bytes.get(i) {
+        let separators = j;
+        let mut quote = None;
+        while let Some(&b) = bytes.get(j) {
             match b {
-                b':' | b'=' | b' ' | b'\t' | b'\\' => i += 1,
+                b':' | b'=' | b' ' | b'\t' | b'\\' => j += 1,
                 b'"' | b'\'' => {
-                    quoted = true;
-                    i += 1;
+                    quote = Some(b);
+                    j += 1;
                 }
                 _ => break,
             }
         }
-        if i == separators_start {
+        if j == separators {
             continue;
         }
-        let rest = &text[i..];
-        let end = if quoted {
-            rest.find(['"', '\\', '\'']).unwrap_or(rest.len())
-        } else {
-            rest.find(|c: char| c.is_whitespace() || ",;)}]&\"'\\<>".contains(c)).unwrap_or(rest.len())
+        let window = &bytes[j..(j + 4 * MAX_USER_ID_CHARS).min(bytes.len())];
+        let end = match quote {
+            // A quoted value runs to its quote, written plainly or escaped (`\"`).
+            Some(q) => window
+                .iter()
+                .enumerate()
+                .position(|(k, &b)| b == q || (q == b'"' && b == b'\\' && window.get(k + 1) == Some(&b'"'))),
+            None => window.iter().position(|&b| b.is_ascii_whitespace() || b",;)}]&\"'\\<>".contains(&b)),
         };
-        let id = rest[..end].trim();
-        if !id.is_empty() && id.chars().count() <= MAX_USER_ID_CHARS {
-            found.push(id);
+        let end = j + end.unwrap_or(window.len());
+        if let Some(id) = text.get(j..end).map(str::trim) {
+            if !id.is_empty() && id.chars().count() <= MAX_USER_ID_CHARS {
+                found.push(id);
+            }
         }
-        from = i;
+        i = end.max(i);
     }
     found
+}
+
+/// Whether `bytes` holds `word` (ASCII, lower case) at `at`, in any case.
+fn starts_with_ignoring_case(bytes: &[u8], at: usize, word: &[u8]) -> bool {
+    bytes.get(at..at + word.len()).is_some_and(|b| b.eq_ignore_ascii_case(word))
 }
 
 /// Overwrites every UUID-shaped run with `x`, so its digit groups are not read as a device id.
@@ -128,9 +142,15 @@ fn blank_uuids(bytes: &mut [u8]) {
         }
         true
     };
+    // Only a UUID standing alone: `593-47-59281234-…` is a device id run into a UUID, not a UUID.
+    let bounded = |bytes: &[u8], start: usize| {
+        let apart = |b: &u8| !(b.is_ascii_hexdigit() || *b == b'-');
+        start.checked_sub(1).and_then(|before| bytes.get(before)).is_none_or(apart)
+            && bytes.get(start + 36).is_none_or(apart)
+    };
     let mut start = 0;
     while start + 36 <= bytes.len() {
-        if is_uuid_at(bytes, start) {
+        if is_uuid_at(bytes, start) && bounded(bytes, start) {
             bytes[start..start + 36].fill(b'x');
             start += 36;
         } else {
@@ -139,9 +159,10 @@ fn blank_uuids(bytes: &mut [u8]) {
     }
 }
 
-/// The characters the shapes are made of; only their escapes are decoded.
+/// The characters the shapes and PII-ish keys are made of; only their escapes are decoded (never
+/// a quote or a backslash, which would change the text's structure).
 fn is_shape_char(c: u8) -> bool {
-    c.is_ascii_hexdigit() || matches!(c, b'.' | b':' | b'-')
+    c.is_ascii_alphanumeric() || matches!(c, b'.' | b':' | b'-' | b'_' | b' ')
 }
 
 /// Decodes `\uXXXX` escapes (after any number of backslashes, so escapes of escapes too) that
@@ -274,6 +295,7 @@ mod tests {
             "2001:db8::1",
             "user::ffff:10.1.2.3",
             "abc593-47-5928",
+            "593-47-59281234-1234-1234-1234-123456789012",
             "\\u0031\\u0030.0.0.1",
         ] {
             assert!(holds_pii_shape(text), "{text}");
@@ -301,7 +323,7 @@ mod tests {
 
     #[test]
     fn the_user_ids_a_body_names_are_found_whatever_surrounds_them() {
-        let cases: [(&str, &[&str]); 8] = [
+        let cases: [(&str, &[&str]); 9] = [
             (r#"{"user_id":"u-1","ip":"1.2.3.4"}"#, &["u-1"]),
             (r#"{ "userId" : "u 2", "x": 1}"#, &["u 2"]),
             (r#""{\"user_id\":\"u-3\"}""#, &["u-3"]),
@@ -309,11 +331,20 @@ mod tests {
             ("uid=u-5&ip=1.2.3.4", &["u-5"]),
             (r#"{"user_id":"other","referred_by":"u-6"}"#, &["other"]),
             (r#"{"user_agent":"Mozilla","UserName":"ユーザー"}"#, &["ユーザー"]),
+            (r#"{"user_id":"o'brien@x.com"}"#, &["o'brien@x.com"]),
             ("no one here", &[]),
         ];
         for (text, expected) in cases {
             assert_eq!(named_user_ids(text), expected, "{text}");
         }
+    }
+
+    #[test]
+    fn naming_scans_stay_linear() {
+        let users = "users ".repeat(200_000);
+        // 200 000 `user` words and no id: a scan that restarted its search at each would read
+        // ~10^11 bytes here (minutes); one pass reads the text once.
+        assert!(named_user_ids(&users).is_empty());
     }
 
     #[test]

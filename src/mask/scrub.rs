@@ -272,7 +272,13 @@ fn pii_key_values(bytes: &[u8], spans: &mut Vec<(usize, usize)>) {
                 spans.push((start, trimmed));
             }
             i = end;
-        } else if !matches!(bytes.get(value), Some(b'{' | b'[')) {
+        } else if matches!(bytes.get(value), Some(b'{' | b'[')) {
+            // An object or array under a PII-ish key goes whole, to its closing bracket (or the
+            // end of a cut text), as the JSON scrub masks it.
+            let end = bracketed_end(bytes, value);
+            spans.push((value, end));
+            i = end;
+        } else {
             let end = skip(value, &|b| !matches!(b, b',' | b'}' | b']' | b'"' | b'\\') && !is_space(b));
             if end > value && &bytes[value..end] != b"null" {
                 spans.push((value, end));
@@ -283,6 +289,26 @@ fn pii_key_values(bytes: &[u8], spans: &mut Vec<(usize, usize)>) {
             break;
         }
     }
+}
+
+/// Where the object or array opening at `start` ends: just past the bracket that closes it,
+/// counting brackets at any depth (brackets inside strings count too: masking more is the safe
+/// side), or the end of the text.
+fn bracketed_end(bytes: &[u8], start: usize) -> usize {
+    let mut depth = 0usize;
+    for (i, &b) in bytes.iter().enumerate().skip(start) {
+        match b {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    bytes.len()
 }
 
 #[cfg(test)]
@@ -469,6 +495,16 @@ mod tests {
         }
         let small = r#"{"ip":"1.2.3.4"}"#;
         assert_eq!(scrub_bounded(small, 65_536, &tag), scrub(small));
+    }
+
+    #[test]
+    fn a_cut_body_masks_whole_what_stands_under_a_pii_key() {
+        let pad = "x".repeat(70_000);
+        let body = format!(
+            r#"{{"idfa":["6D92078A-8246-4BA4-AE5B-76104861E7DC"],"device_id":{{"v":"9774d56d682e549c"}},"de\u0076ice_id":"abcdef123","pad":"{pad}"}}"#
+        );
+        let out = scrub_bounded(&body, 65_536, &tag);
+        assert_gone(&out, &["6D92078A", "9774d56d682e549c", "abcdef123"]);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::decode::{decode, Reason, Rejection};
 use crate::dedup::{Dedup, Fingerprint};
 use crate::mask::{MaskedLogin, Masker, MessageMeta, QuarantineRecord};
 use crate::retry::Backoff;
-use crate::sink::{Committed, ErrorClass, Part, Sink, SinkError};
+use crate::sink::{self, Committed, ErrorClass, Part, Sink, SinkError};
 use crate::source::envelope::{self, InputFormat, Unwrapped};
 use crate::source::{Ack, Budget, Envelope, InFlight, ReceiveSettings, Share};
 use crate::vault::{DataKey, Sealed, Vault};
@@ -153,7 +153,7 @@ pub fn to_record(
         }
         Err(rejection) => {
             let sealed = key.map(|key| Sealed {
-                user_fingerprints: Some(masker.user_fingerprints(received)),
+                user_fingerprints: Some(masker.user_fingerprints(received)).filter(|found| !found.is_empty()),
                 ..key.seal_body(&meta.message_id, received)
             });
             Record::Quarantine(QuarantineRecord { sealed, ..masker.quarantine(rejection, event, meta) })
@@ -238,7 +238,7 @@ impl Stages {
     /// (and, at last, the DLQ).
     async fn process_received(self: Arc<Self>, batch: Vec<Envelope>) -> Option<Vec<Item>> {
         // Never closed, so acquiring only waits.
-        let _permit = self.processing.clone().acquire_owned().await.ok()?;
+        let permit = self.processing.clone().acquire_owned().await.ok()?;
         let budget = self.budget.clone();
         let large = batch.iter().map(|e| e.body.len()).sum::<usize>() > LARGE_BATCH_BYTES;
         let processed = match large {
@@ -250,6 +250,8 @@ impl Stages {
             // A panic's message may quote body text: say only that it panicked.
             tracing::error!("processing a receive batch panicked; messages left for redelivery");
         }
+        // The permit goes before the budget is waited for: pollers holding budget wait for permits.
+        drop(permit);
         let mut items = processed.ok()?;
         count_what_was_made(&budget, &mut items).await;
         Some(items)
@@ -351,30 +353,33 @@ impl Stages {
     /// unstorable, to be released for the queue's redrive policy instead of held forever.
     async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
         let mut backoff = Backoff::new(self.max_backoff);
-        let mut failures = 0;
+        // Failures that may be a record's doing (contention, a timeout): after WINDOW_ATTEMPTS of
+        // them, the records are tried alone. An outage's failures do not count: once it ends the
+        // whole window is retried.
+        let mut busy_failures = 0;
         // The records not yet stored: always a suffix of the window's logins, then of its quarantine records.
         let mut pending = Part { logins: &window.logins, quarantine: &window.quarantine };
         let mut committed = Committed::default();
+        let mut held: Option<sink::Held> = None;
         loop {
             match self.sink.write(pending.logins, pending.quarantine, &self.abort).await {
                 Ok(done) => {
-                    self.sink.set_writable(true);
                     committed.add(done);
                     return Some(committed);
                 }
                 Err(SinkError::Cancelled) => return None,
                 Err(err) => {
                     let class = err.class();
+                    held.get_or_insert_with(|| self.sink.hold());
                     metrics::error("sink", "transient");
                     metrics::retry("sink");
-                    failures += 1;
                     let delay = backoff.next_delay();
-                    if class == ErrorClass::Unavailable {
-                        self.sink.set_writable(false);
-                    }
                     tracing::warn!(error = %crate::error_chain(&err), sqlstate = err.sqlstate(), ?class, ?delay,
                                    messages = pending.len(), "batch not committed; the database cannot take it now, retrying");
-                    if failures >= WINDOW_ATTEMPTS {
+                    if class == ErrorClass::Busy {
+                        busy_failures += 1;
+                    }
+                    if busy_failures >= WINDOW_ATTEMPTS {
                         let takes_writes = tokio::select! {
                             takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
                             _ = self.abort.cancelled() => return None,
@@ -383,12 +388,14 @@ impl Stages {
                             match self.write_record_by_record(&mut pending, &mut committed).await {
                                 PassEnd::Done => return Some(committed),
                                 PassEnd::Cancelled => return None,
-                                // The rest waits for the database again, with fresh attempts.
-                                PassEnd::Held => failures = 0,
+                                // Out of time: one whole-window attempt, then the pass goes on.
+                                PassEnd::OutOfTime => busy_failures = WINDOW_ATTEMPTS - 1,
+                                // The database stopped taking writes: the rest waits, with fresh attempts.
+                                PassEnd::Held => busy_failures = 0,
                             }
                         } else {
                             tracing::warn!(
-                                failures,
+                                busy_failures,
                                 sqlstate = err.sqlstate(),
                                 "the database takes no writes now; the batch waits for it"
                             );
@@ -418,18 +425,21 @@ impl Stages {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
                     left = pending.len(),
-                    "record-by-record pass out of time; the rest waits and is retried"
+                    "record-by-record pass out of time; it goes on after one more try of the rest"
                 );
-                return PassEnd::Held;
+                return PassEnd::OutOfTime;
             }
             match self.sink.write(record.logins, record.quarantine, &self.abort).await {
                 Ok(done) => committed.add(done),
                 Err(SinkError::Cancelled) => return PassEnd::Cancelled,
                 Err(err) => {
-                    let takes_writes = tokio::select! {
-                        takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
-                        _ = self.abort.cancelled() => return PassEnd::Cancelled,
-                    };
+                    // Only contention this record keeps causing while the database takes writes is
+                    // the record's: anything that says the database is unavailable holds the rest.
+                    let takes_writes = err.class() == ErrorClass::Busy
+                        && tokio::select! {
+                            takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
+                            _ = self.abort.cancelled() => return PassEnd::Cancelled,
+                        };
                     if !takes_writes {
                         tracing::warn!(
                             sqlstate = err.sqlstate(),
@@ -480,8 +490,10 @@ enum PassEnd {
     Done,
     /// Shutdown's grace period is over.
     Cancelled,
-    /// The database stopped taking writes, or the pass ran out of time: the rest waits.
+    /// The database stopped taking writes: the rest waits for it.
     Held,
+    /// The pass ran for [`RECORD_PASS_DEADLINE`]: the rest is tried whole once, then the pass goes on.
+    OutOfTime,
 }
 
 /// Runs the pipeline until `shutdown` resolves, or, with `--drain`, until the queue is empty
@@ -494,7 +506,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<Ru
     let prometheus = metrics::install();
     let sqs_client = sqs::client(&args.sqs).await;
     let sink =
-        Sink::with_flush_timeout(args.database.database_url.clone(), args.sink_connections, args.flush_timeout());
+        Sink::with_flush_timeout(args.database.database_url.clone(), args.sink_connections, args.flush_timeout())
+            .with_vault_tables(args.pii_kms_key_id.is_some());
     let background = CancellationToken::new();
     let tracker = TaskTracker::new();
 

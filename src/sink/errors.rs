@@ -3,8 +3,8 @@
 //!
 //! | class | SQLSTATEs | what the sink does |
 //! |---|---|---|
-//! | [`ErrorClass::Record`] | everything not below: data exceptions (22), constraints (23), a trigger's `RAISE` (P0001), row-level security's check (44000), ... | the window is split until the failing records stand alone; each is quarantined as `db_rejected` and the rest commits |
-//! | [`ErrorClass::Busy`] | 40001, 40P01, 55P03, 57014 (and a write that outlasts its deadline) | the whole window is retried with backoff; a record that keeps causing it while the database takes writes is, after bounded attempts, released for the redrive policy |
+//! | [`ErrorClass::Record`] | everything not below: data exceptions (22), constraints (23), a trigger's `RAISE` (P0001), a view's check option (44000), a row-level security policy refusing a row (42501 raised by the policy check) ... | the window is split until the failing records stand alone; each is quarantined as `db_rejected` and the rest commits |
+//! | [`ErrorClass::Busy`] | 40001, 40003, 40P01, 55P03, 57014 (and a write that outlasts its deadline) | the whole window is retried with backoff; a record that keeps causing it while the database takes writes is, after bounded attempts, released for the redrive policy |
 //! | [`ErrorClass::Unavailable`] | 08, 53, 58, XX, 57P, 3D000, 3F000 (down, out of resources, shutting down, gone); class 25 (read-only, ...), 42501 (privilege), 42P01 / 42703 (a table or column gone): it refuses writes; any error without a SQLSTATE (I/O, closed connection) | the window is held: retried with backoff for as long as it lasts, `/readyz` not ready, nothing quarantined, nothing released |
 //!
 //! Every caller asks [`classify`]; none re-derives the rule.
@@ -52,8 +52,9 @@ const UNAVAILABLE_CODES: [&str; 5] = [
 ];
 
 /// Contention, which a single record can provoke too (a trigger raising it).
-const BUSY_CODES: [&str; 4] = [
+const BUSY_CODES: [&str; 5] = [
     "40001", // serialization_failure
+    "40003", // statement_completion_unknown: retried whole, which is idempotent
     "40P01", // deadlock_detected
     "55P03", // lock_not_available
     "57014", // query_canceled (statement_timeout); checked before class 57
@@ -74,12 +75,22 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
 
 /// Classifies an error of tokio-postgres. An error without a SQLSTATE did not come from
 /// the server's verdict on the data (I/O, a closed connection, a protocol failure): unavailable.
+/// Row-level security refusing a row shares `42501` with a revoked privilege; it is told apart
+/// by the server routine that raised it (the check of a policy's `WITH CHECK`), and is the record's.
 pub fn classify(err: &tokio_postgres::Error) -> ErrorClass {
+    if let Some(db) = err.as_db_error() {
+        if db.routine() == Some(ROW_CHECK_ROUTINE) {
+            return ErrorClass::Record;
+        }
+    }
     match err.code() {
         Some(code) => classify_sqlstate(code.code()),
         None => ErrorClass::Unavailable,
     }
 }
+
+/// The executor routine that raises a row-level security policy's or a view's `WITH CHECK` failure.
+const ROW_CHECK_ROUTINE: &str = "ExecWithCheckOptions";
 
 /// The SQLSTATE of an error, for quarantine records and logs.
 pub fn sqlstate(err: &tokio_postgres::Error) -> &str {
@@ -102,7 +113,7 @@ mod tests {
 
     #[test]
     fn contention_is_busy() {
-        for code in ["40001", "40P01", "55P03", "57014"] {
+        for code in ["40001", "40003", "40P01", "55P03", "57014"] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Busy, "{code}");
         }
     }

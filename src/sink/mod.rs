@@ -68,9 +68,13 @@ SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                      $7::int4[], $8::text[], $9::date[], $10::timestamptz[], $11::text[], $12::text[])
 ON CONFLICT (message_id) DO NOTHING";
 
+/// A message with a row already (stored by a version that validated differently, and redelivered
+/// before its delete) is not quarantined too: each message id is stored once.
 const INSERT_QUARANTINE: &str = "\
 INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sent_at, mask_key_id, transform_version)
-SELECT *, $7::text FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+SELECT v.*, $7::text FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+    AS v(message_id, reason, detail, masked_body, sent_at, mask_key_id)
+WHERE NOT EXISTS (SELECT 1 FROM user_logins l WHERE l.message_id = v.message_id)
 ON CONFLICT (message_id) DO NOTHING";
 
 /// [`INSERT_QUARANTINE`] for `quarantine replay`: a message still quarantined keeps its row
@@ -131,21 +135,19 @@ pub async fn take_erasure_lock(tx: &tokio_postgres::Transaction<'_>) -> Result<(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ERASURE_LOCK_ID]).await.map(drop)
 }
 
-/// A transaction that needs what a real write needs and is rolled back: the writers' lock on
-/// every table the sink writes, without waiting for it, and a row in each (so a read-only
-/// database, a revoked privilege, a table or column gone fail it). `{id}` is replaced by a fresh
-/// UUID, so probes of several replicas never wait on each other's rows.
-const WRITE_PROBE: &str = "\
-BEGIN;
-LOCK TABLE user_logins, user_logins_quarantine, user_logins_pii, pii_data_keys IN ROW EXCLUSIVE MODE NOWAIT;
-INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
-                         app_version, app_version_text, create_date, sent_at, mask_key_id, transform_version)
-    VALUES ('write-probe:{id}', 'write-probe', 'probe', 'probe', 'probe', NULL, 10, '0.0', current_date, now(), 'probe', 'probe');
-INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sent_at, mask_key_id, transform_version)
-    VALUES ('write-probe:{id}', 'write_probe', NULL, '{}', now(), 'probe', 'probe');
-INSERT INTO pii_data_keys (id, kms_key_id, wrapped_key) VALUES ('{id}', 'write-probe', '\\x00');
-INSERT INTO user_logins_pii (message_id, data_key_id) VALUES ('write-probe:{id}', '{id}');
-ROLLBACK";
+/// The write probe's rows, one step per table (the vault's two together, for the key they share):
+/// each inserted under a savepoint and rolled back to it. `{id}` is a fresh UUID per probe, so
+/// probes of several replicas never wait on each other's rows. Values a real record could have.
+const PROBE_INSERTS: [&str; 3] = [
+    "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
+         app_version, app_version_text, create_date, sent_at, mask_key_id, transform_version)
+     VALUES ('write-probe:{id}', '{id}', 'probe', repeat('0', 64), repeat('0', 64), NULL, 10000000, '1.0',
+         current_date, now(), 'probe', 'probe')",
+    "INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sent_at, mask_key_id, transform_version)
+     VALUES ('write-probe:{id}', 'write_probe', NULL, '{}', now(), 'probe', 'probe')",
+    "INSERT INTO pii_data_keys (id, kms_key_id, wrapped_key) VALUES ('{id}', 'write-probe', '\\x00');
+     INSERT INTO user_logins_pii (message_id, data_key_id) VALUES ('write-probe:{id}', '{id}')",
+];
 
 /// loginflow's version, recorded on every row (`transform_version`).
 pub const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -194,6 +196,17 @@ impl SinkError {
 impl From<deadpool_postgres::PoolError> for SinkError {
     fn from(err: deadpool_postgres::PoolError) -> SinkError {
         SinkError::Pool(err)
+    }
+}
+
+/// A window held by a failed write ([`Sink::hold`]).
+pub struct Held(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+            crate::metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(1.0);
+        }
     }
 }
 
@@ -246,8 +259,12 @@ pub struct Sink {
     pool: Pool,
     database: Database,
     flush_timeout: Duration,
-    /// See [`Sink::is_writable`]; shared by every clone.
-    writable: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the write probe covers the vault's tables ([`Sink::with_vault_tables`]).
+    vault_tables: bool,
+    /// Row-level security applies to `user_logins` for this role ([`Sink::migrate`]): no COPY.
+    copy_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Windows whose write failed and is being retried ([`Sink::hold`]); shared by every clone.
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Sink {
@@ -275,14 +292,20 @@ impl Sink {
             .wait_timeout(Some(POOL_WAIT_TIMEOUT))
             .build()
             .expect("runtime is set, so timeouts are valid");
-        let writable = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        Sink { pool, database, flush_timeout, writable }
+        let (copy_refused, held) = Default::default();
+        Sink { pool, database, flush_timeout, vault_tables: false, copy_refused, held }
     }
 
     /// Creates or upgrades the schema.
+    /// Also learns whether row-level security applies to this role's writes to `user_logins`:
+    /// COPY cannot write such a table (and tokio-postgres then loses the connection, which would
+    /// read as an outage), so logins go in with the insert instead.
     pub async fn migrate(&self) -> Result<(), SinkError> {
         let mut client = self.pool.get().await?;
-        Ok(crate::schema::migrate(&mut client).await?)
+        crate::schema::migrate(&mut client).await?;
+        let row = client.query_one("SELECT row_security_active('user_logins')", &[]).await?;
+        self.copy_refused.store(row.get::<_, bool>(0), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Whether the database answers `SELECT 1` within `timeout`, on a connection of its own
@@ -297,28 +320,36 @@ impl Sink {
     /// privilege or table gone, a lock held, no connection, no answer in time) shows one that
     /// does not.
     pub async fn takes_writes(&self, timeout: Duration) -> bool {
-        let probe = WRITE_PROBE.replace("{id}", &uuid::Uuid::new_v4().to_string());
-        let takes_writes = match self.run_alone(&probe, timeout).await {
-            Some(Ok(())) => true,
-            Some(Err(err)) => classify(&err) == ErrorClass::Record,
-            None => false,
+        let check = async {
+            let (client, connection) = self.database.config.connect(self.database.tls.clone()).await.ok()?;
+            let connection = tokio::spawn(connection);
+            let takes_writes = probe_writes(&client, self.vault_tables).await;
+            drop(client);
+            let _ = connection.await;
+            Some(takes_writes)
         };
-        self.set_writable(takes_writes);
-        takes_writes
+        matches!(tokio::time::timeout(timeout, check).await, Ok(Some(true)))
     }
 
-    /// Whether the last write committed (or the last probe passed): false while the database
-    /// cannot take writes. `/readyz` reports it.
+    /// The same sink, its write probe covering the vault's tables too (the vault is on).
+    pub fn with_vault_tables(mut self, on: bool) -> Sink {
+        self.vault_tables = on;
+        self
+    }
+
+    /// Whether every window's last write committed: false while one is retried because the
+    /// database cannot take it (unavailable, refusing writes, or busy). `/readyz` reports it.
     pub fn is_writable(&self) -> bool {
-        self.writable.load(std::sync::atomic::Ordering::Relaxed)
+        self.held.load(std::sync::atomic::Ordering::Relaxed) == 0
     }
 
-    /// Records whether the database takes writes (the `loginflow_database_writable` gauge too).
-    pub fn set_writable(&self, writable: bool) {
-        let was = self.writable.swap(writable, std::sync::atomic::Ordering::Relaxed);
-        if was != writable {
-            crate::metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+    /// Marks a window held until the returned guard is dropped (its write committed, or it was
+    /// given up): `loginflow_database_writable` is 0 while any window is held.
+    pub fn hold(&self) -> Held {
+        if self.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            crate::metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(0.0);
         }
+        Held(self.held.clone())
     }
 
     /// Runs `sql` (simple query protocol) on a fresh connection: its outcome, or `None` when
@@ -334,7 +365,40 @@ impl Sink {
         };
         tokio::time::timeout(timeout, check).await.ok().flatten()
     }
+}
 
+/// The write probe, on `client`: one transaction that takes the writers' lock on the tables the
+/// sink writes without waiting for it, inserts a row into each under a savepoint and rolls back
+/// to it, then commits (with a transaction id, so the commit is a real one: a synchronous
+/// standby gone makes it wait). A row refused for its values (a trigger's `RAISE`, a constraint)
+/// is the row's: the database still takes writes, and the next table is tried. Anything else
+/// (read-only, a privilege or table gone, a lock held) is a database that takes none.
+async fn probe_writes(client: &tokio_postgres::Client, vault_tables: bool) -> bool {
+    let (tables, steps) = match vault_tables {
+        true => ("user_logins, user_logins_quarantine, user_logins_pii, pii_data_keys", &PROBE_INSERTS[..]),
+        false => ("user_logins, user_logins_quarantine", &PROBE_INSERTS[..2]),
+    };
+    let begin = format!("BEGIN; LOCK TABLE {tables} IN ROW EXCLUSIVE MODE NOWAIT");
+    if client.batch_execute(&begin).await.is_err() {
+        return false;
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    for step in steps {
+        let sql = format!("SAVEPOINT probe; {}; ROLLBACK TO SAVEPOINT probe", step.replace("{id}", &id));
+        match client.batch_execute(&sql).await {
+            Ok(()) => {}
+            Err(err) if classify(&err) == ErrorClass::Record => {
+                if client.batch_execute("ROLLBACK TO SAVEPOINT probe").await.is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    client.batch_execute("SELECT txid_current(); COMMIT").await.is_ok()
+}
+
+impl Sink {
     /// A pooled connection, for tests and tools.
     pub async fn client(&self) -> Result<Object, SinkError> {
         Ok(self.pool.get().await?)
@@ -349,7 +413,11 @@ impl Sink {
         quarantine: &[QuarantineRecord],
         cancel: &CancellationToken,
     ) -> Result<Committed, SinkError> {
-        self.write_using(WriteMethod::Copy, logins, quarantine, cancel).await
+        let method = match self.copy_refused.load(std::sync::atomic::Ordering::Relaxed) {
+            true => WriteMethod::UnnestInsert,
+            false => WriteMethod::Copy,
+        };
+        self.write_using(method, logins, quarantine, cancel).await
     }
 
     /// [`Sink::write`] for quarantined messages run again (`quarantine replay`). A login leaves

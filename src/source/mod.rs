@@ -327,9 +327,6 @@ pub async fn extend_visibility(
     }
 }
 
-/// Makes messages visible again at once, so the queue redelivers them (and, past the redrive
-/// policy's receive count, moves them to the dead-letter queue). Best effort: a message whose
-/// call fails comes back when its visibility timeout ends anyway.
 /// [`release_for_redelivery`] of messages received after the stop began, counted as released
 /// at shutdown; bounded, so a stalled queue service cannot hold the stop.
 async fn release_at_stop(client: &Client, queue_url: &str, receipts: &[Arc<str>]) {
@@ -340,6 +337,9 @@ async fn release_at_stop(client: &Client, queue_url: &str, receipts: &[Arc<str>]
     let _ = tokio::time::timeout(RECEIVE_AFTER_STOP, release_for_redelivery(client, queue_url, receipts)).await;
 }
 
+/// Makes messages visible again at once, so the queue redelivers them (and, past the redrive
+/// policy's receive count, moves them to the dead-letter queue). Best effort: a message whose
+/// call fails comes back when its visibility timeout ends anyway.
 pub async fn release_for_redelivery(client: &Client, queue_url: &str, receipts: &[Arc<str>]) {
     let calls: Vec<_> =
         receipts.chunks(SQS_BATCH_LIMIT).map(|chunk| change_visibility(client, queue_url, chunk, 0)).collect();

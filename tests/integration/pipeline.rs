@@ -620,3 +620,47 @@ async fn messages_received_after_the_stop_began_are_visible_again_at_once() {
     let depth = loginflow::sqs::queue_depth(&env.sqs, &env.queue_url).await.unwrap();
     assert_eq!((depth.visible, depth.in_flight), (sent.len() as u64, 0), "{depth:?}");
 }
+
+/// Row-level security refusing some rows shares SQLSTATE 42501 with a revoked privilege, but it is
+/// those rows' fault: they are quarantined as `db_rejected` and the rest of their batch is written
+/// (COPY cannot write such a table: the insert takes over).
+#[tokio::test]
+async fn rows_a_row_level_security_policy_refuses_cost_only_themselves() {
+    let env = TestEnv::new().await;
+    env.migrated_sink().await;
+    let role = format!("lf_rls_{}", uuid::Uuid::new_v4().simple());
+    env.db()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             ALTER TABLE user_logins ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY readable ON user_logins FOR SELECT USING (true);
+             CREATE POLICY no_tablets ON user_logins FOR INSERT WITH CHECK (device_type <> 'tablet');"
+        ))
+        .await
+        .unwrap();
+    let mut bodies = synthetic_bodies(100, 41);
+    for body in bodies.iter_mut().step_by(10) {
+        *body = body.replace("\"android\"", "\"tablet\"").replace("\"ios\"", "\"tablet\"");
+    }
+    let tablets = bodies.iter().filter(|b| b.contains("\"tablet\"") && decode(b).is_ok()).count();
+    assert!(tablets >= 5, "{tablets}");
+    let sent = env.publish_with_ids(&bodies).await;
+    let as_role = TestEnv {
+        database_url: env.database_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1),
+        queue_url: env.queue_url.clone(),
+        endpoint: env.endpoint.clone(),
+        sqs: env.sqs.clone(),
+    };
+    let summary = as_role.drain(&[]).await;
+    assert_eq!(summary.released, 0, "{summary:?}");
+    let db = env.db().await;
+    let rejected: i64 = db
+        .query_one("SELECT count(*) FROM user_logins_quarantine WHERE reason = 'db_rejected' AND detail = '42501'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rejected as usize, tablets, "exactly the refused rows are db_rejected");
+    env.assert_each_once(&sent, &[]).await;
+}
