@@ -104,7 +104,7 @@ pub fn describe_all() {
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(
         DATABASE_WRITABLE,
-        "1 while the database takes writes; 0 while batches are held because it cannot (down, read-only, a privilege or table gone). Alert on 0."
+        "1 while every batch's write commits; 0 while any batch is held and retried because the database cannot take it (down, read-only, a privilege or table gone, busy). Alert on 0 lasting."
     );
 }
 
