@@ -343,20 +343,22 @@ impl Stages {
     /// The window's write, retried with backoff while the database is unavailable or busy;
     /// `None` once shutdown's grace period is over (the write in progress is rolled back).
     ///
-    /// While the database cannot take writes ([`ErrorClass::Unavailable`]: down, read-only, a
-    /// privilege or table gone) the window is held, however long: the SQLSTATE is logged,
-    /// `loginflow_database_writable` is 0 and `/readyz` says not ready; nothing is released.
-    /// A window that keeps failing while the database takes writes (a probe that writes shows
-    /// it) holds something the database will not take (a record whose trigger outlasts the
-    /// statement timeout, or raises a "busy" SQLSTATE every time): after [`WINDOW_ATTEMPTS`] it
-    /// is written one record per transaction, and the records that still fail are reported
-    /// unstorable, to be released for the queue's redrive policy instead of held forever.
+    /// While the window is retried it is held ([`Sink::hold`]): `loginflow_database_writable` is 0
+    /// and `/readyz` says not ready; each failure is logged with its SQLSTATE. While the database
+    /// cannot take writes (down, read-only, a privilege or table gone: the write probe fails) the
+    /// window waits, however long; nothing is released. A window that keeps failing while the
+    /// probe passes holds something the database will not take (a record whose trigger outlasts
+    /// the statement timeout, or raises a "busy" SQLSTATE every time): after [`WINDOW_ATTEMPTS`]
+    /// (and, for an error that says the database is unavailable, a second passing probe, so a
+    /// window is not split just as an outage ends) it is written one record per transaction, and
+    /// the records that still fail are reported unstorable, to be released for the queue's
+    /// redrive policy instead of held forever.
     async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
         let mut backoff = Backoff::new(self.max_backoff);
-        // Failures that may be a record's doing (contention, a timeout): after WINDOW_ATTEMPTS of
-        // them, the records are tried alone. An outage's failures do not count: once it ends the
-        // whole window is retried.
-        let mut busy_failures = 0;
+        let mut failures = 0;
+        // Failures saying "unavailable" after which the probe passed anyway: a record's doing
+        // (a trigger raising such a code on some rows) once it happens twice.
+        let mut unexplained = 0;
         // The records not yet stored: always a suffix of the window's logins, then of its quarantine records.
         let mut pending = Part { logins: &window.logins, quarantine: &window.quarantine };
         let mut committed = Committed::default();
@@ -373,32 +375,34 @@ impl Stages {
                     held.get_or_insert_with(|| self.sink.hold());
                     metrics::error("sink", "transient");
                     metrics::retry("sink");
+                    failures += 1;
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %crate::error_chain(&err), sqlstate = err.sqlstate(), ?class, ?delay,
                                    messages = pending.len(), "batch not committed; the database cannot take it now, retrying");
-                    if class == ErrorClass::Busy {
-                        busy_failures += 1;
-                    }
-                    if busy_failures >= WINDOW_ATTEMPTS {
+                    if failures >= WINDOW_ATTEMPTS {
                         let takes_writes = tokio::select! {
                             takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
                             _ = self.abort.cancelled() => return None,
                         };
-                        if takes_writes {
+                        if takes_writes && class != ErrorClass::Busy {
+                            unexplained += 1;
+                        }
+                        if !takes_writes {
+                            unexplained = 0;
+                            tracing::warn!(
+                                failures,
+                                sqlstate = err.sqlstate(),
+                                "the database takes no writes now; the batch waits for it"
+                            );
+                        } else if class == ErrorClass::Busy || unexplained >= 2 {
                             match self.write_record_by_record(&mut pending, &mut committed).await {
                                 PassEnd::Done => return Some(committed),
                                 PassEnd::Cancelled => return None,
                                 // Out of time: one whole-window attempt, then the pass goes on.
-                                PassEnd::OutOfTime => busy_failures = WINDOW_ATTEMPTS - 1,
+                                PassEnd::OutOfTime => failures = WINDOW_ATTEMPTS - 1,
                                 // The database stopped taking writes: the rest waits, with fresh attempts.
-                                PassEnd::Held => busy_failures = 0,
+                                PassEnd::Held => (failures, unexplained) = (0, 0),
                             }
-                        } else {
-                            tracing::warn!(
-                                busy_failures,
-                                sqlstate = err.sqlstate(),
-                                "the database takes no writes now; the batch waits for it"
-                            );
                         }
                     }
                     tokio::select! {
@@ -411,9 +415,9 @@ impl Stages {
     }
 
     /// Writes each pending record in its own transaction, once, advancing `pending` past it; a
-    /// record whose write fails while the database takes writes is reported unstorable. Stops
-    /// ([`PassEnd::Held`]) when the database stops taking writes, or when the pass has run for
-    /// [`RECORD_PASS_DEADLINE`]: the records left then wait with the rest of the window.
+    /// record whose write fails while the write probe passes is reported unstorable. Stops when
+    /// the database stops taking writes, or no connection is to be had ([`PassEnd::Held`]), or
+    /// after [`RECORD_PASS_DEADLINE`] ([`PassEnd::OutOfTime`]).
     async fn write_record_by_record(&self, pending: &mut Part<'_>, committed: &mut Committed) -> PassEnd {
         tracing::warn!(
             messages = pending.len(),
@@ -433,9 +437,9 @@ impl Stages {
                 Ok(done) => committed.add(done),
                 Err(SinkError::Cancelled) => return PassEnd::Cancelled,
                 Err(err) => {
-                    // Only contention this record keeps causing while the database takes writes is
-                    // the record's: anything that says the database is unavailable holds the rest.
-                    let takes_writes = err.class() == ErrorClass::Busy
+                    // A record's failure is the record's only while the database takes writes; no
+                    // connection from the pool says nothing of the record.
+                    let takes_writes = !matches!(err, SinkError::Pool(_))
                         && tokio::select! {
                             takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
                             _ = self.abort.cancelled() => return PassEnd::Cancelled,

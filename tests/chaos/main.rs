@@ -538,34 +538,35 @@ async fn a_message_not_even_the_quarantine_accepts_reaches_the_dead_letter_queue
     );
 }
 
-#[tokio::test]
-async fn a_record_the_database_always_calls_busy_reaches_the_dead_letter_queue_and_its_batch_commits() {
+/// Installs a trigger on `user_logins` raising `sqlstate` for every row whose `device_type` is
+/// `always-fails`, and drains 300 messages with a few such rows: only those reach the DLQ.
+async fn drain_past_rows_a_trigger_always_fails(seed: u64, sqlstate: &str, name: &str) {
     let env = TestEnv::new().await;
-    // A "busy" SQLSTATE, which retries the whole window, raised every time for one kind of row:
-    // only bounded attempts (then one record per transaction) keep it from holding its batch forever.
-    let always_busy = "CREATE FUNCTION always_busy() RETURNS trigger LANGUAGE plpgsql AS $$
+    let fault = format!(
+        "CREATE FUNCTION always_fails() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-           IF NEW.device_type = 'always-busy' THEN
-             RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+           IF NEW.device_type = 'always-fails' THEN
+             RAISE EXCEPTION 'refused' USING ERRCODE = '{sqlstate}';
            END IF;
            RETURN NEW;
          END $$;
-         CREATE TRIGGER always_busy BEFORE INSERT ON user_logins FOR EACH ROW EXECUTE FUNCTION always_busy();";
-    let mut bodies = synthetic_bodies(300, 114);
+         CREATE TRIGGER always_fails BEFORE INSERT ON user_logins FOR EACH ROW EXECUTE FUNCTION always_fails();"
+    );
+    let mut bodies = synthetic_bodies(300, seed);
     let mut victims = 0;
     for body in bodies.iter_mut().step_by(97) {
         if loginflow::decode::decode(body).is_ok() {
             let mut event: Value = serde_json::from_str(body).unwrap();
-            event["device_type"] = Value::from("always-busy");
+            event["device_type"] = Value::from("always-fails");
             *body = event.to_string();
             victims += 1;
         }
     }
     assert!(victims >= 3, "{victims}");
-    let f = drain_past_unstorable_messages(&env, always_busy, &bodies, victims).await;
+    let f = drain_past_unstorable_messages(&env, &fault, &bodies, victims).await;
     assert_eq!(row_count(&env).await as u64, f.summary["written"].as_u64().unwrap(), "the victims' batches committed");
     println!(
-        "figures: always_busy sent={} victims={victims} dead_lettered={} released={} written={} secs={:.1} lost={} duplicated={}",
+        "figures: {name} sqlstate={sqlstate} sent={} victims={victims} dead_lettered={} released={} written={} secs={:.1} lost={} duplicated={}",
         bodies.len(),
         f.dead_lettered,
         f.summary["released"],
@@ -574,6 +575,20 @@ async fn a_record_the_database_always_calls_busy_reaches_the_dead_letter_queue_a
         f.lost,
         f.duplicated
     );
+}
+
+#[tokio::test]
+async fn a_record_the_database_always_calls_busy_reaches_the_dead_letter_queue_and_its_batch_commits() {
+    // A "busy" SQLSTATE, which retries the whole window, raised every time for one kind of row:
+    // only bounded attempts (then one record per transaction) keep it from holding its batch forever.
+    drain_past_rows_a_trigger_always_fails(114, "40001", "always_busy").await;
+}
+
+#[tokio::test]
+async fn a_record_that_always_fails_with_an_unavailable_code_reaches_the_dead_letter_queue() {
+    // A code that says "the database is unavailable" (a table gone), raised by a trigger for some
+    // rows only: the write probe keeps passing, so after two such probes it is the records' doing.
+    drain_past_rows_a_trigger_always_fails(118, "42P01", "always_unavailable_code").await;
 }
 
 #[tokio::test]
