@@ -8,12 +8,12 @@
 # Exports DATABASE_URL (the `postgres` database of the cluster) and AWS_ENDPOINT_URL.
 #
 # Settings: LOGINFLOW_STATE (venvs and logs, default ~/.cache/loginflow),
-#           PG_PORT (default 55432), PG_TLS_PORT (default 55433), SQS_PORT (default 4566), PG_FAST=1 (no fsync: tests only),
+#           PG_PORT (default 25432), PG_TLS_PORT (default 25433; both below the ephemeral port range, so no client socket holds them when a server starts), SQS_PORT (default 4566), PG_FAST=1 (no fsync: tests only),
 #           LOGINFLOW_SQS=auto|localstack|moto (default auto: LocalStack when Python >= 3.13 is found, else moto).
 
 LOGINFLOW_STATE=${LOGINFLOW_STATE:-$HOME/.cache/loginflow}
-PG_PORT=${PG_PORT:-55432}
-PG_TLS_PORT=${PG_TLS_PORT:-55433}
+PG_PORT=${PG_PORT:-25432}
+PG_TLS_PORT=${PG_TLS_PORT:-25433}
 SQS_PORT=${SQS_PORT:-4566}
 LOCALSTACK_VERSION=${LOCALSTACK_VERSION:-2026.3.0}
 PG_DIR=${PG_DIR:-/var/tmp/loginflow-pg-$PG_PORT}
@@ -290,10 +290,10 @@ CONF
   if ! grep -Eq '^[[:space:]]*host[[:space:]]+replication[[:space:]]+all[[:space:]]+127\.0\.0\.1/32[[:space:]]+trust' "$dir/primary/pg_hba.conf"; then
     echo 'host replication all 127.0.0.1/32 trust' | _as_postgres tee -a "$dir/primary/pg_hba.conf" >/dev/null || return 1
   fi
-  _pg_pair_ctl "$dir" primary "$primary_port" -w -t 60 start >/dev/null || { _log "primary did not start (log: $dir/primary.log)"; return 1; }
+  _pg_pair_ctl "$dir" primary "$primary_port" -w -t 60 start >/dev/null || { _log "primary did not start:"; tail -n 20 "$dir/primary.log" >&2; return 1; }
   _as_postgres "$bin/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres -D "$dir/standby" -R -X stream >/dev/null ||
     { _log "pg_basebackup failed"; return 1; }
-  _pg_pair_ctl "$dir" standby "$standby_port" -w -t 60 start >/dev/null || { _log "standby did not start (log: $dir/standby.log)"; return 1; }
+  _pg_pair_ctl "$dir" standby "$standby_port" -w -t 60 start >/dev/null || { _log "standby did not start:"; tail -n 20 "$dir/standby.log" >&2; return 1; }
   _pg_pair_wait "$primary_port" "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'" 1 &&
     _pg_pair_wait "$standby_port" 'SELECT pg_is_in_recovery()' t ||
     { _log "the standby is not streaming (logs: $dir/*.log)"; return 1; }

@@ -73,6 +73,10 @@ pub struct VaultJobArgs {
     /// The masking key rows are (re-)masked with.
     #[command(flatten)]
     pub mask: MaskKeyArgs,
+    /// Largest clear quarantine copy kept, in bytes (1024..=1048576), as `run` keeps them.
+    #[arg(long, env = "QUARANTINE_COPY_MAX_BYTES", value_name = "QUARANTINE_COPY_MAX_BYTES", default_value = "65536",
+          value_parser = count(1 << 10, 1 << 20))]
+    pub quarantine_copy_max_bytes: usize,
     /// Rows per transaction (1..=10000): each batch commits on its own, so the job can be
     /// stopped at any point and run again.
     #[arg(long, value_name = "N", default_value = "500", value_parser = count(1, 10_000))]

@@ -8,9 +8,10 @@
 
 use super::*;
 
-const PRIMARY_PORT: u16 = 55442;
-const STANDBY_PORT: u16 = 55443;
-const PAIR_DIR: &str = "/var/tmp/loginflow-pg-pair-55442";
+/// Below the ephemeral range (32768–60999 here), so no client socket can hold the port when the server binds it.
+const PRIMARY_PORT: u16 = 25442;
+const STANDBY_PORT: u16 = 25443;
+const PAIR_DIR: &str = "/var/tmp/loginflow-pg-pair-25442";
 const SERVICES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
 
 /// A primary and its streaming standby; dropping it stops both and removes their directory.
