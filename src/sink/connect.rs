@@ -74,25 +74,12 @@ impl fmt::Debug for Database {
 impl FromStr for Database {
     type Err = String;
 
-    /// Parses `postgres://user:pass@host:port/db?params`; errors never repeat the URL (it may hold a password).
+    /// Parses `postgres://user:pass@host:port/db?params`, or libpq's key=value form (`host=a,b
+    /// port=5432,5432 dbname=app target_session_attrs=read-write sslmode=verify-full ...`); errors
+    /// never repeat the URL (it may hold a password).
     fn from_str(url: &str) -> Result<Database, String> {
-        const SHAPE: &str = "expected postgres://user:pass@host:port/db[?sslmode=...&sslrootcert=...]";
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(SHAPE.into());
-        }
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut ssl_mode = None;
-        let mut root_cert = None;
-        let mut rest = Vec::new();
-        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let decoded = || percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned();
-            match key {
-                "sslmode" => ssl_mode = Some(decoded().parse::<SslMode>()?),
-                "sslrootcert" => root_cert = Some(decoded()),
-                _ => rest.push(pair),
-            }
-        }
+        let is_uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let (mut config, ssl_mode, root_cert) = if is_uri { parse_uri(url)? } else { parse_key_value(url)? };
         let roots = match root_cert.as_deref() {
             Some("system") => match ssl_mode.unwrap_or(SslMode::VerifyFull) {
                 SslMode::VerifyFull => Roots::System,
@@ -102,22 +89,6 @@ impl FromStr for Database {
             None => Roots::Default,
         };
         let ssl_mode = ssl_mode.unwrap_or(if roots == Roots::System { SslMode::VerifyFull } else { SslMode::Prefer });
-
-        let url = if rest.is_empty() { base.to_owned() } else { format!("{base}?{}", rest.join("&")) };
-        let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
-            // Name the parameter at fault (never its value: it may be a password).
-            let base_ok = base.parse::<tokio_postgres::Config>().is_ok();
-            match rest
-                .iter()
-                .find(|pair| !base_ok || format!("{base}?{pair}").parse::<tokio_postgres::Config>().is_err())
-            {
-                Some(pair) if base_ok => {
-                    let key = pair.split_once('=').map_or(*pair, |(key, _)| key);
-                    format!("parameter `{key}` is unknown or has an invalid value")
-                }
-                _ => SHAPE.to_owned(),
-            }
-        })?;
         if config.get_application_name().is_none() {
             config.application_name("loginflow");
         }
@@ -129,6 +100,82 @@ impl FromStr for Database {
         let tls = MakeRustlsConnect::new(client_config(ssl_mode, &roots)?);
         Ok(Database { config, ssl_mode, tls })
     }
+}
+
+const SHAPE: &str = "expected postgres://user:pass@host:port/db[?sslmode=...&sslrootcert=...] or key=value pairs";
+
+/// What a connection string says: tokio-postgres' settings, and the TLS parameters it does not know.
+type Parsed = (tokio_postgres::Config, Option<SslMode>, Option<String>);
+
+/// `postgres://user:pass@host:port,host:port/db?params`.
+fn parse_uri(url: &str) -> Result<Parsed, String> {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut ssl_mode = None;
+    let mut root_cert = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = || percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned();
+        match key {
+            "sslmode" => ssl_mode = Some(decoded().parse::<SslMode>()?),
+            "sslrootcert" => root_cert = Some(decoded()),
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() { base.to_owned() } else { format!("{base}?{}", rest.join("&")) };
+    let config = url.parse().map_err(|_| {
+        // Name the parameter at fault (never its value: it may be a password).
+        let base_ok = base.parse::<tokio_postgres::Config>().is_ok();
+        match rest.iter().find(|pair| !base_ok || format!("{base}?{pair}").parse::<tokio_postgres::Config>().is_err()) {
+            Some(pair) if base_ok => {
+                let key = pair.split_once('=').map_or(*pair, |(key, _)| key);
+                format!("parameter `{key}` is unknown or has an invalid value")
+            }
+            _ => SHAPE.to_owned(),
+        }
+    })?;
+    Ok((config, ssl_mode, root_cert))
+}
+
+/// libpq's key=value form: `host=a,b port=5432,5432 dbname=app password='it\'s' ...` (values
+/// bare, or single-quoted with `\'` and `\\` escapes).
+fn parse_key_value(conninfo: &str) -> Result<Parsed, String> {
+    let mut ssl_mode = None;
+    let mut root_cert = None;
+    let mut rest = String::new();
+    let mut chars = conninfo.trim().chars().peekable();
+    while chars.peek().is_some() {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect::<String>().trim().to_owned();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(SHAPE.into());
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next().ok_or(SHAPE)? {
+                    '\'' => break,
+                    '\\' => value.push(chars.next().ok_or(SHAPE)?),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                value.push(c);
+            }
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        match key.as_str() {
+            "sslmode" => ssl_mode = Some(value.parse::<SslMode>()?),
+            "sslrootcert" => root_cert = Some(value),
+            _ => {
+                let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
+                rest.push_str(&format!("{key}='{quoted}' "));
+            }
+        }
+    }
+    let config = rest.parse().map_err(|_| "a key=value parameter is unknown or has an invalid value".to_owned())?;
+    Ok((config, ssl_mode, root_cert))
 }
 
 /// Where trusted roots come from.
@@ -320,6 +367,33 @@ mod tests {
 
     fn parse(url: &str) -> Result<Database, String> {
         url.parse()
+    }
+
+    #[test]
+    fn the_key_value_form_with_several_hosts_parses_like_the_uri() {
+        let db = parse(
+            "host=db-a.example,db-b.example port=5432,5433 dbname=app user=loginflow password='it''s \\'q\\''
+             target_session_attrs=read-write sslmode=require connect_timeout=5",
+        );
+        // `''` is not libpq's escape: refused, never echoed.
+        assert!(db.is_err_and(|err| !err.contains("it")));
+        let db = parse(
+            "host=db-a.example,db-b.example port=5432,5433 dbname=app user=loginflow password='s3 \\'cret'
+             target_session_attrs=read-write sslmode=require connect_timeout=5",
+        )
+        .unwrap();
+        let hosts: Vec<String> = db.config.get_hosts().iter().map(|h| format!("{h:?}")).collect();
+        assert_eq!(hosts.len(), 2, "{hosts:?}");
+        assert_eq!(db.config.get_ports(), [5432, 5433]);
+        assert_eq!(db.config.get_dbname(), Some("app"));
+        assert_eq!(db.config.get_password(), Some(&b"s3 'cret"[..]));
+        assert_eq!(db.config.get_target_session_attrs(), tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        assert_eq!(db.ssl_mode, SslMode::Require);
+        let uri = parse("postgres://loginflow@db-a.example:5432,db-b.example:5433/app?target_session_attrs=read-write")
+            .unwrap();
+        assert_eq!(uri.config.get_ports(), [5432, 5433]);
+        assert_eq!(uri.config.get_target_session_attrs(), tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        assert!(parse("not a connection string").is_err());
     }
 
     #[test]
