@@ -262,23 +262,23 @@ pub fn decode(body: &str) -> Result<ValidLogin, Rejection> {
         }
     }
     let version_text = clear("app_version", required_text("app_version", wire.app_version, APP_VERSION_MAX_CHARS)?)?;
-    // The record's own address or device id copied into a clear field, whatever its shape.
+    // The record's own device id copied into a clear field, whatever its shape (an address, and a
+    // device id of the usual shape, are already refused by the shape check above).
     let canonical_ip = shapes::canonical_ip(ip);
-    let mut own: Vec<&str> = vec![&ip_text, &canonical_ip];
-    if device_id.chars().count() >= MIN_OWN_DEVICE_ID_CHARS {
-        own.push(&device_id);
-    }
-    let clear_fields = [
-        ("user_id", Some(&*user_id)),
-        ("device_type", Some(&*device_type)),
-        ("locale", locale.as_deref()),
-        ("app_version", Some(&*version_text)),
-    ];
-    for (field, value) in clear_fields {
-        if value.is_some_and(|value| own.iter().any(|own| value.contains(own))) {
-            return Err(Rejection::new(Reason::PiiInField, field));
+    if device_id.len() >= MIN_OWN_DEVICE_ID_CHARS && !shapes::holds_pii_shape(&device_id) {
+        let clear_fields = [
+            ("user_id", Some(&*user_id)),
+            ("device_type", Some(&*device_type)),
+            ("locale", locale.as_deref()),
+            ("app_version", Some(&*version_text)),
+        ];
+        for (field, value) in clear_fields {
+            if value.is_some_and(|value| value.contains(&*device_id)) {
+                return Err(Rejection::new(Reason::PiiInField, field));
+            }
         }
     }
+
     let app_version =
         AppVersion::parse(&version_text).ok_or_else(|| Rejection::new(Reason::InvalidAppVersion, "app_version"))?;
 

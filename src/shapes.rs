@@ -34,6 +34,10 @@ pub fn pii_shaped_spans(bytes: &[u8], spans: &mut Vec<(usize, usize)>) {
 /// (`8-4-4-4-12` hex digits, the shape of user ids and message ids) are not such tokens, even
 /// when their groups happen to be all digits.
 pub fn holds_pii_shape(text: &str) -> bool {
+    // Every shape needs a digit, or (IPv6 of hex letters) two colons; most values have neither.
+    if !text.bytes().any(|b| b.is_ascii_digit() || b == b':' || b == b'\\') {
+        return false;
+    }
     let text = decode_escapes(text);
     let mut spans = Vec::new();
     // Most values hold no dash, so no UUID: scanned in place, without a copy.
