@@ -73,10 +73,9 @@ pub struct VaultJobArgs {
     /// The masking key rows are (re-)masked with.
     #[command(flatten)]
     pub mask: MaskKeyArgs,
-    /// Largest clear quarantine copy kept, in bytes (1024..=1048576), as `run` keeps them.
-    #[arg(long, env = "QUARANTINE_COPY_MAX_BYTES", value_name = "QUARANTINE_COPY_MAX_BYTES", default_value = "65536",
-          value_parser = count(1 << 10, 1 << 20))]
-    pub quarantine_copy_max_bytes: usize,
+    /// The clear quarantine copies' size limit, as `run` keeps them.
+    #[command(flatten)]
+    pub copy: QuarantineCopyArgs,
     /// Rows per transaction (1..=10000): each batch commits on its own, so the job can be
     /// stopped at any point and run again.
     #[arg(long, value_name = "N", default_value = "500", value_parser = count(1, 10_000))]
@@ -155,6 +154,17 @@ pub struct DatabaseArgs {
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", hide_env_values = true,
           default_value = "postgres://postgres@127.0.0.1:5432/postgres", value_parser = parse_database_url)]
     pub database_url: crate::sink::Database,
+}
+
+/// The size limit of clear quarantine copies (`run` and the vault's batch jobs).
+#[derive(Debug, Clone, Args)]
+pub struct QuarantineCopyArgs {
+    /// Largest clear quarantine copy (`masked_body`) kept, in bytes (1024..=1048576); a longer
+    /// one is cut with a marker saying so (the whole original stays sealed in the vault when it
+    /// is on). Bounds what a body can swell into when its addresses become 64-character masks.
+    #[arg(long, env = "QUARANTINE_COPY_MAX_BYTES", value_name = "QUARANTINE_COPY_MAX_BYTES", default_value = "65536",
+          value_parser = count(1 << 10, 1 << 20))]
+    pub quarantine_copy_max_bytes: usize,
 }
 
 /// The masking secret.
@@ -274,12 +284,8 @@ pub struct RunArgs {
           value_parser = count(32 << 20, 2 << 30))]
     pub max_inflight_bytes: usize,
 
-    /// Largest clear quarantine copy (`masked_body`) kept, in bytes (1024..=1048576); a longer
-    /// one is cut with a marker saying so (the whole original stays sealed in the vault when it
-    /// is on). Bounds what a body can swell into when its addresses become 64-character masks.
-    #[arg(long, env = "QUARANTINE_COPY_MAX_BYTES", value_name = "QUARANTINE_COPY_MAX_BYTES", default_value = "65536",
-          value_parser = count(1 << 10, 1 << 20))]
-    pub quarantine_copy_max_bytes: usize,
+    #[command(flatten)]
+    pub copy: QuarantineCopyArgs,
 
     /// Deadline of one batch's write to PostgreSQL, all statements and the commit, in seconds
     /// (1..=3600); also each statement's server-side `statement_timeout`. A write past it is

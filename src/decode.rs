@@ -264,7 +264,6 @@ pub fn decode(body: &str) -> Result<ValidLogin, Rejection> {
     let version_text = clear("app_version", required_text("app_version", wire.app_version, APP_VERSION_MAX_CHARS)?)?;
     // The record's own device id copied into a clear field, whatever its shape (an address, and a
     // device id of the usual shape, are already refused by the shape check above).
-    let canonical_ip = shapes::canonical_ip(ip);
     if device_id.len() >= MIN_OWN_DEVICE_ID_CHARS && !shapes::holds_pii_shape(&device_id) {
         let clear_fields = [
             ("user_id", Some(&*user_id)),
@@ -286,7 +285,7 @@ pub fn decode(body: &str) -> Result<ValidLogin, Rejection> {
         user_id: user_id.into_owned(),
         device_type: device_type.into_owned(),
         // The canonical text form: equal addresses written differently mask alike.
-        ip: Pii(canonical_ip),
+        ip: Pii(shapes::canonical_ip(ip)),
         device_id: Pii(device_id.into_owned()),
         locale,
         app_version,

@@ -169,7 +169,7 @@ const VAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(36
 
 /// What `remask` and `quarantine replay` work with: the database (schema in place), KMS, the mask key.
 async fn vault_job(args: &VaultJobArgs) -> anyhow::Result<(Sink, KeyRing, Masker)> {
-    let masker = Masker::new(&args.mask.load()?).with_copy_max_bytes(args.quarantine_copy_max_bytes);
+    let masker = Masker::new(&args.mask.load()?).with_copy_max_bytes(args.copy.quarantine_copy_max_bytes);
     // Statements of a batch job may scan a large table: a longer deadline than the pipeline's flush.
     let sink = Sink::with_flush_timeout(args.database.database_url.clone(), 1, VAULT_JOB_TIMEOUT);
     sink.migrate().await.context("cannot use the database in DATABASE_URL")?;

@@ -39,15 +39,13 @@ pub fn holds_pii_shape(text: &str) -> bool {
         return false;
     }
     let text = decode_escapes(text);
-    let mut spans = Vec::new();
     // Most values hold no dash, so no UUID: scanned in place, without a copy.
+    let mut bytes = Cow::Borrowed(text.as_bytes());
     if text.contains('-') {
-        let mut bytes = text.as_bytes().to_vec();
-        blank_uuids(&mut bytes);
-        pii_shaped_spans(&bytes, &mut spans);
-    } else {
-        pii_shaped_spans(text.as_bytes(), &mut spans);
+        blank_uuids(bytes.to_mut());
     }
+    let mut spans = Vec::new();
+    pii_shaped_spans(&bytes, &mut spans);
     !spans.is_empty()
 }
 

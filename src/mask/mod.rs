@@ -75,13 +75,14 @@ impl Masker {
         self.mask(&format!("loginflow user_id:{user_id}"))
     }
 
-    /// The fingerprints of the user ids `body` names ([`crate::shapes::named_user_ids`]).
-    pub fn user_fingerprints(&self, body: &str) -> Vec<String> {
+    /// The fingerprints of the user ids `body` names ([`crate::shapes::named_user_ids`]); `None`
+    /// when it names none (`forget` then matches its clear copy's text instead).
+    pub fn user_fingerprints(&self, body: &str) -> Option<Vec<String>> {
         let mut fingerprints: Vec<String> =
             crate::shapes::named_user_ids(body).into_iter().map(|id| self.user_fingerprint(id)).collect();
         fingerprints.sort_unstable();
         fingerprints.dedup();
-        fingerprints
+        (!fingerprints.is_empty()).then_some(fingerprints)
     }
 
     /// Turns a valid login into the only record type the sink accepts.
@@ -173,11 +174,7 @@ pub struct QuarantineRecord {
 impl QuarantineRecord {
     /// Bytes it holds: the clear copy and the sealed original.
     pub fn footprint(&self) -> usize {
-        let sealed = self
-            .sealed
-            .as_ref()
-            .map_or(0, |s| [&s.ip, &s.device_id, &s.body].iter().map(|v| v.as_ref().map_or(0, Vec::len)).sum());
-        self.masked_body.len() + sealed
+        self.masked_body.len() + self.sealed.as_ref().map_or(0, Sealed::bytes)
     }
 
     /// Quarantines a masked row that PostgreSQL refused, keeping the SQLSTATE.

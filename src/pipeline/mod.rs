@@ -153,7 +153,7 @@ pub fn to_record(
         }
         Err(rejection) => {
             let sealed = key.map(|key| Sealed {
-                user_fingerprints: Some(masker.user_fingerprints(received)).filter(|found| !found.is_empty()),
+                user_fingerprints: masker.user_fingerprints(received),
                 ..key.seal_body(&meta.message_id, received)
             });
             Record::Quarantine(QuarantineRecord { sealed, ..masker.quarantine(rejection, event, meta) })
@@ -506,7 +506,7 @@ enum PassEnd {
 /// database or the queue is in.
 pub async fn run(args: RunArgs, shutdown: impl Future<Output = ()>) -> Result<RunSummary, RunError> {
     args.validate()?;
-    let masker = Masker::new(&args.load_mask_key()?).with_copy_max_bytes(args.quarantine_copy_max_bytes);
+    let masker = Masker::new(&args.load_mask_key()?).with_copy_max_bytes(args.copy.quarantine_copy_max_bytes);
     let prometheus = metrics::install();
     let sqs_client = sqs::client(&args.sqs).await;
     let sink =

@@ -296,8 +296,7 @@ impl Sink {
         Sink { pool, database, flush_timeout, vault_tables: false, copy_refused, held }
     }
 
-    /// Creates or upgrades the schema.
-    /// Also learns whether row-level security applies to this role's writes to `user_logins`:
+    /// Creates or upgrades the schema, and learns whether row-level security applies to this role's writes to `user_logins`:
     /// COPY cannot write such a table (and tokio-postgres then loses the connection, which would
     /// read as an outage), so logins go in with the insert instead.
     pub async fn migrate(&self) -> Result<(), SinkError> {
@@ -311,24 +310,18 @@ impl Sink {
     /// Whether the database answers `SELECT 1` within `timeout`, on a connection of its own
     /// (never one of the writers', so a busy sink does not look like an unreachable database).
     pub async fn ping(&self, timeout: Duration) -> bool {
-        matches!(self.run_alone("SELECT 1", timeout).await, Some(Ok(())))
+        let answers = self.on_fresh_connection(timeout, async |client| client.batch_execute("SELECT 1").await.is_ok());
+        answers.await == Some(true)
     }
 
-    /// Whether the database takes writes now ([`WRITE_PROBE`]) within `timeout`, on a
+    /// Whether the database takes writes now ([`probe_writes`]) within `timeout`, on a
     /// connection of its own. A probe row refused for its values (a trigger's `RAISE`, a
     /// constraint) still shows a database that takes writes; any other failure (read-only, a
     /// privilege or table gone, a lock held, no connection, no answer in time) shows one that
     /// does not.
     pub async fn takes_writes(&self, timeout: Duration) -> bool {
-        let check = async {
-            let (client, connection) = self.database.config.connect(self.database.tls.clone()).await.ok()?;
-            let connection = tokio::spawn(connection);
-            let takes_writes = probe_writes(&client, self.vault_tables).await;
-            drop(client);
-            let _ = connection.await;
-            Some(takes_writes)
-        };
-        matches!(tokio::time::timeout(timeout, check).await, Ok(Some(true)))
+        let vault_tables = self.vault_tables;
+        self.on_fresh_connection(timeout, async |client| probe_writes(client, vault_tables).await).await == Some(true)
     }
 
     /// The same sink, its write probe covering the vault's tables too (the vault is on).
@@ -352,53 +345,24 @@ impl Sink {
         Held(self.held.clone())
     }
 
-    /// Runs `sql` (simple query protocol) on a fresh connection: its outcome, or `None` when
-    /// no connection was made or no answer came within `timeout`.
-    async fn run_alone(&self, sql: &str, timeout: Duration) -> Option<Result<(), tokio_postgres::Error>> {
-        let check = async {
+    /// Runs `check` on a fresh connection (never one of the writers'), closed after: its answer,
+    /// or `None` when no connection was made or no answer came within `timeout`.
+    async fn on_fresh_connection<T>(
+        &self,
+        timeout: Duration,
+        check: impl AsyncFnOnce(&tokio_postgres::Client) -> T,
+    ) -> Option<T> {
+        let run = async {
             let (client, connection) = self.database.config.connect(self.database.tls.clone()).await.ok()?;
             let connection = tokio::spawn(connection);
-            let outcome = client.batch_execute(sql).await;
+            let answer = check(&client).await;
             drop(client);
             let _ = connection.await;
-            Some(outcome)
+            Some(answer)
         };
-        tokio::time::timeout(timeout, check).await.ok().flatten()
+        tokio::time::timeout(timeout, run).await.ok().flatten()
     }
-}
 
-/// The write probe, on `client`: one transaction that takes the writers' lock on the tables the
-/// sink writes without waiting for it, inserts a row into each under a savepoint and rolls back
-/// to it, then commits (with a transaction id, so the commit is a real one: a synchronous
-/// standby gone makes it wait). A row refused for its values (a trigger's `RAISE`, a constraint)
-/// is the row's: the database still takes writes, and the next table is tried. Anything else
-/// (read-only, a privilege or table gone, a lock held) is a database that takes none.
-async fn probe_writes(client: &tokio_postgres::Client, vault_tables: bool) -> bool {
-    let (tables, steps) = match vault_tables {
-        true => ("user_logins, user_logins_quarantine, user_logins_pii, pii_data_keys", &PROBE_INSERTS[..]),
-        false => ("user_logins, user_logins_quarantine", &PROBE_INSERTS[..2]),
-    };
-    let begin = format!("BEGIN; LOCK TABLE {tables} IN ROW EXCLUSIVE MODE NOWAIT");
-    if client.batch_execute(&begin).await.is_err() {
-        return false;
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    for step in steps {
-        let sql = format!("SAVEPOINT probe; {}; ROLLBACK TO SAVEPOINT probe", step.replace("{id}", &id));
-        match client.batch_execute(&sql).await {
-            Ok(()) => {}
-            Err(err) if classify(&err) == ErrorClass::Record => {
-                if client.batch_execute("ROLLBACK TO SAVEPOINT probe").await.is_err() {
-                    return false;
-                }
-            }
-            Err(_) => return false,
-        }
-    }
-    client.batch_execute("SELECT txid_current(); COMMIT").await.is_ok()
-}
-
-impl Sink {
     /// A pooled connection, for tests and tools.
     pub async fn client(&self) -> Result<Object, SinkError> {
         Ok(self.pool.get().await?)
@@ -486,6 +450,37 @@ fn discard(client: Object, tls: tokio_postgres_rustls::MakeRustlsConnect) {
     tokio::spawn(async move {
         let _ = tokio::time::timeout(Duration::from_secs(2), cancel.cancel_query(tls)).await;
     });
+}
+
+/// The write probe, on `client`: one transaction that takes the writers' lock on the tables the
+/// sink writes without waiting for it, inserts a row into each under a savepoint and rolls back
+/// to it, then commits (with a transaction id, so the commit is a real one: a synchronous
+/// standby gone makes it wait). A row refused for its values (a trigger's `RAISE`, a constraint)
+/// is the row's: the database still takes writes, and the next table is tried. Anything else
+/// (read-only, a privilege or table gone, a lock held) is a database that takes none.
+async fn probe_writes(client: &tokio_postgres::Client, vault_tables: bool) -> bool {
+    let (tables, steps) = match vault_tables {
+        true => ("user_logins, user_logins_quarantine, user_logins_pii, pii_data_keys", &PROBE_INSERTS[..]),
+        false => ("user_logins, user_logins_quarantine", &PROBE_INSERTS[..2]),
+    };
+    let begin = format!("BEGIN; LOCK TABLE {tables} IN ROW EXCLUSIVE MODE NOWAIT");
+    if client.batch_execute(&begin).await.is_err() {
+        return false;
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    for step in steps {
+        let sql = format!("SAVEPOINT probe; {}; ROLLBACK TO SAVEPOINT probe", step.replace("{id}", &id));
+        match client.batch_execute(&sql).await {
+            Ok(()) => {}
+            Err(err) if classify(&err) == ErrorClass::Record => {
+                if client.batch_execute("ROLLBACK TO SAVEPOINT probe").await.is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    client.batch_execute("SELECT txid_current(); COMMIT").await.is_ok()
 }
 
 /// A pool error with, for a failed connection, the step that failed (TCP, TLS, certificate, authentication).
@@ -787,15 +782,13 @@ async fn insert_sealed<'a>(
 ) -> Result<(), tokio_postgres::Error> {
     let sealed: Vec<(&String, &Sealed)> =
         logins.chain(quarantine).filter_map(|(id, sealed)| sealed.as_ref().map(|s| (id, s))).collect();
-    let size =
-        |s: &Sealed| [&s.ip, &s.device_id, &s.body].iter().map(|v| v.as_ref().map_or(0, Vec::len)).sum::<usize>();
     let mut rest = sealed.as_slice();
     while !rest.is_empty() {
         let mut bytes = 0;
         let take = rest
             .iter()
             .take_while(|(_, s)| {
-                bytes += size(s);
+                bytes += s.bytes();
                 bytes <= QUARANTINE_STATEMENT_BYTES
             })
             .count()

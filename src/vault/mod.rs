@@ -63,6 +63,13 @@ pub struct Sealed {
     pub user_fingerprints: Option<Vec<String>>,
 }
 
+impl Sealed {
+    /// Bytes of sealed values it holds.
+    pub fn bytes(&self) -> usize {
+        [&self.ip, &self.device_id, &self.body].iter().map(|v| v.as_ref().map_or(0, Vec::len)).sum()
+    }
+}
+
 /// Errors of the vault.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {

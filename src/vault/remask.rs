@@ -160,9 +160,7 @@ impl Job<'_> {
                         let meta = MessageMeta { message_id: row.message_id.clone(), sent_at };
                         // A received body's user fingerprints follow the key, so `forget` keeps finding it.
                         fingerprints.push(match &original {
-                            Original::Received(body) => {
-                                Some(masker.user_fingerprints(body).join(" ")).filter(|found| !found.is_empty())
-                            }
+                            Original::Received(body) => masker.user_fingerprints(body).map(|found| found.join(" ")),
                             Original::Rebuilt(_) => None,
                         });
                         quarantine_copy(masker, meta, &original, &row.masked_body)
