@@ -384,7 +384,7 @@ impl Stages {
                             takes_writes = self.sink.takes_writes(WRITE_PROBE_TIMEOUT) => takes_writes,
                             _ = self.abort.cancelled() => return None,
                         };
-                        if takes_writes && class != ErrorClass::Busy {
+                        if takes_writes && class != ErrorClass::Busy && sink::errors::may_be_a_records(err.sqlstate()) {
                             unexplained += 1;
                         }
                         if !takes_writes {

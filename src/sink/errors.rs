@@ -60,6 +60,14 @@ const BUSY_CODES: [&str; 5] = [
     "57014", // query_canceled (statement_timeout); checked before class 57
 ];
 
+/// Whether an "unavailable" code is one a trigger can raise for some rows only (a refusal:
+/// read-only, privilege, a table or column gone), not a condition of the server itself
+/// (connection, resources, shutdown, I/O, internal): only such a code, while the write probe
+/// passes, can be a record's doing.
+pub fn may_be_a_records(code: &str) -> bool {
+    UNAVAILABLE_CODES.contains(&code) || code.starts_with("25")
+}
+
 /// Classifies a SQLSTATE code.
 pub fn classify_sqlstate(code: &str) -> ErrorClass {
     if BUSY_CODES.contains(&code) {
@@ -108,6 +116,16 @@ mod tests {
             "57P02", "57P03", "57P04", "57P05", "25006", "25001", "25P02", "42501", "42P01", "42703", "3D000", "3F000",
         ] {
             assert_eq!(classify_sqlstate(code), ErrorClass::Unavailable, "{code}");
+        }
+    }
+
+    #[test]
+    fn only_refusals_a_trigger_can_raise_may_be_a_records() {
+        for code in ["25006", "42501", "42P01", "42703"] {
+            assert!(may_be_a_records(code), "{code}");
+        }
+        for code in ["53100", "08006", "57P01", "58030", "XX000", "none"] {
+            assert!(!may_be_a_records(code), "{code}");
         }
     }
 

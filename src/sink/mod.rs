@@ -22,7 +22,6 @@ use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
@@ -200,13 +199,21 @@ impl From<deadpool_postgres::PoolError> for SinkError {
 }
 
 /// A window held by a failed write ([`Sink::hold`]).
-pub struct Held(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+pub struct Held(std::sync::Arc<std::sync::Mutex<usize>>);
+
+impl Held {
+    /// Changes the count of held windows, and the gauge with it, under one lock (so a window
+    /// released and another held at once cannot leave the gauge saying the opposite).
+    fn count(held: &std::sync::Mutex<usize>, change: impl FnOnce(&mut usize)) {
+        let mut count = held.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut count);
+        crate::metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(if *count == 0 { 1.0 } else { 0.0 });
+    }
+}
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
-            crate::metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(1.0);
-        }
+        Held::count(&self.0, |count| *count = count.saturating_sub(1));
     }
 }
 
@@ -264,7 +271,7 @@ pub struct Sink {
     /// Row-level security applies to `user_logins` for this role ([`Sink::migrate`]): no COPY.
     copy_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Windows whose write failed and is being retried ([`Sink::hold`]); shared by every clone.
-    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    held: std::sync::Arc<std::sync::Mutex<usize>>,
 }
 
 impl Sink {
@@ -333,15 +340,13 @@ impl Sink {
     /// Whether every window's last write committed: false while one is retried because the
     /// database cannot take it (unavailable, refusing writes, or busy). `/readyz` reports it.
     pub fn is_writable(&self) -> bool {
-        self.held.load(std::sync::atomic::Ordering::Relaxed) == 0
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) == 0
     }
 
     /// Marks a window held until the returned guard is dropped (its write committed, or it was
     /// given up): `loginflow_database_writable` is 0 while any window is held.
     pub fn hold(&self) -> Held {
-        if self.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
-            crate::metrics::gauge!(crate::metrics::DATABASE_WRITABLE).set(0.0);
-        }
+        Held::count(&self.held, |count| *count += 1);
         Held(self.held.clone())
     }
 
@@ -621,7 +626,8 @@ async fn store_isolating<'a>(
 }
 
 /// One transaction: COPY (or insert) the logins, insert the quarantine records, commit.
-/// A COPY refused for an already-stored message id is redone with the skipping insert.
+/// A COPY refused for anything but contention (an already-stored message id, a column whose type
+/// changed, ...) is redone with the insert, whose outcome is the one that counts.
 async fn write_transaction(
     client: &mut Object,
     mode: Mode,
@@ -629,7 +635,9 @@ async fn write_transaction(
 ) -> Result<Committed, tokio_postgres::Error> {
     let result = write_once(client, mode, part).await;
     match result {
-        Err(err) if mode.method == WriteMethod::Copy && err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+        // The insert decides: it skips stored rows (COPY cannot), and a COPY refused for its binary
+        // format (a column type changed under it) or its protocol must not read as an outage.
+        Err(err) if mode.method == WriteMethod::Copy && classify(&err) != ErrorClass::Busy => {
             write_once(client, Mode { method: WriteMethod::UnnestInsert, ..mode }, part).await
         }
         other => other,
