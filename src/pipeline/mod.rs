@@ -349,7 +349,7 @@ impl Stages {
     /// window waits, however long; nothing is released. A window that keeps failing while the
     /// probe passes holds something the database will not take (a record whose trigger outlasts
     /// the statement timeout, or raises a "busy" SQLSTATE every time): after [`WINDOW_ATTEMPTS`]
-    /// (and, for an error that says the database is unavailable, a second passing probe, so a
+    /// (and, for a refusal a trigger can raise, such as `42P01`, a second passing probe, so a
     /// window is not split just as an outage ends) it is written one record per transaction, and
     /// the records that still fail are reported unstorable, to be released for the queue's
     /// redrive policy instead of held forever.

@@ -22,6 +22,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
@@ -626,8 +627,7 @@ async fn store_isolating<'a>(
 }
 
 /// One transaction: COPY (or insert) the logins, insert the quarantine records, commit.
-/// A COPY refused for anything but contention (an already-stored message id, a column whose type
-/// changed, ...) is redone with the insert, whose outcome is the one that counts.
+/// A COPY refused for an already-stored message id is redone with the skipping insert.
 async fn write_transaction(
     client: &mut Object,
     mode: Mode,
@@ -635,9 +635,7 @@ async fn write_transaction(
 ) -> Result<Committed, tokio_postgres::Error> {
     let result = write_once(client, mode, part).await;
     match result {
-        // The insert decides: it skips stored rows (COPY cannot), and a COPY refused for its binary
-        // format (a column type changed under it) or its protocol must not read as an outage.
-        Err(err) if mode.method == WriteMethod::Copy && classify(&err) != ErrorClass::Busy => {
+        Err(err) if mode.method == WriteMethod::Copy && err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
             write_once(client, Mode { method: WriteMethod::UnnestInsert, ..mode }, part).await
         }
         other => other,
