@@ -14,9 +14,12 @@ use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use loginflow::decode::decode;
 use loginflow::dedup::Dedup;
-use loginflow::mask::{Masker, MessageMeta};
-use loginflow::pipeline::{Item, Transform};
-use loginflow::source::{Ack, Envelope, SQS_BATCH_LIMIT};
+use loginflow::mask::{Item, Masking};
+use loginflow::masker::Masker;
+use loginflow::records::MessageMeta;
+use loginflow::source::envelope::InputFormat;
+use loginflow::source::{Ack, Envelope};
+use loginflow::sqs::SQS_BATCH_LIMIT;
 use loginflow::vault::{DataKey, Vault};
 use secrecy::SecretString;
 
@@ -27,7 +30,7 @@ const WINDOW_ROWS: usize = 1_000;
 
 /// The task sample's mix (1 % malformed, 29 % null locale, three version forms) plus 10 % redeliveries.
 fn envelopes() -> Vec<Envelope> {
-    loginflow::seed::synthetic(MESSAGES as u64, 7)
+    loginflow::commands::seed::synthetic(MESSAGES as u64, 7)
         .enumerate()
         .map(|(i, body)| {
             let id = if i % DUPLICATE_EVERY == 0 { format!("committed-{i}") } else { format!("m-{i}") };
@@ -42,11 +45,23 @@ fn envelopes() -> Vec<Envelope> {
         .collect()
 }
 
+/// The dedup and mask stages' work on a batch, without their streams.
+struct Transform {
+    dedup: Dedup,
+    masking: Masking,
+}
+
+impl Transform {
+    fn process(&self, batch: Vec<Envelope>) -> Vec<Item> {
+        self.masking.process(self.dedup.key_batch(batch, InputFormat::Auto))
+    }
+}
+
 fn transform(vault: bool) -> Transform {
     let masker = Masker::new(&SecretString::from("bench-key-bench-key-bench-key-0123"));
     let dedup = Dedup::new(200_000, Duration::from_secs(3600));
     let committed: Vec<u128> =
-        (0..MESSAGES).step_by(DUPLICATE_EVERY).map(|i| dedup.fingerprint(&format!("committed-{i}"))).collect();
+        (0..MESSAGES).step_by(DUPLICATE_EVERY).map(|i| Dedup::fingerprint(&format!("committed-{i}"))).collect();
     dedup.mark_committed(committed);
     let vault = vault.then(|| {
         let kms = aws_sdk_kms::Client::from_conf(
@@ -58,7 +73,7 @@ fn transform(vault: bool) -> Transform {
         let key = DataKey::from_plaintext(uuid::Uuid::new_v4(), vec![9u8; 32]).unwrap();
         std::sync::Arc::new(Vault::with_data_key(kms, "alias/bench".into(), key))
     });
-    Transform { masker, dedup, input_format: loginflow::source::envelope::InputFormat::Auto, vault }
+    Transform { dedup, masking: Masking { masker, vault } }
 }
 
 /// The pipeline's shape: receive batches of 10 in, windows of 1 000 items out.
@@ -89,23 +104,20 @@ fn stages(c: &mut Criterion) {
     group.bench_function("decode_validate", |b| b.iter(|| bodies.iter().filter(|body| decode(body).is_ok()).count()));
     group.bench_function("dedup_miss", |b| {
         b.iter(|| {
-            messages
-                .iter()
-                .filter(|e| transform.dedup.is_committed(transform.dedup.fingerprint(&e.ack.message_id)))
-                .count()
+            messages.iter().filter(|e| transform.dedup.is_committed(Dedup::fingerprint(&e.ack.message_id))).count()
         })
     });
     let hits: Vec<String> =
         (0..MESSAGES).map(|i| format!("committed-{}", i / DUPLICATE_EVERY * DUPLICATE_EVERY)).collect();
     group.bench_function("dedup_hit", |b| {
-        b.iter(|| hits.iter().filter(|id| transform.dedup.is_committed(transform.dedup.fingerprint(id))).count())
+        b.iter(|| hits.iter().filter(|id| transform.dedup.is_committed(Dedup::fingerprint(id))).count())
     });
     // What the ack stage does after each delete batch: remember its ids (a full cache: the oldest go).
-    let fingerprints: Vec<u128> = messages.iter().map(|e| transform.dedup.fingerprint(&e.ack.message_id)).collect();
+    let fingerprints: Vec<u128> = messages.iter().map(|e| Dedup::fingerprint(&e.ack.message_id)).collect();
     group.bench_function("dedup_commit", |b| {
         b.iter_batched(
             || {
-                let full = Dedup::new(MESSAGES, Duration::from_secs(3600));
+                let full = Dedup::new(MESSAGES as u64, Duration::from_secs(3600));
                 full.mark_committed((0..MESSAGES as u128).map(|i| i << 64));
                 full
             },
@@ -125,7 +137,10 @@ fn stages(c: &mut Criterion) {
                 logins
                     .into_iter()
                     .map(|login| {
-                        transform.masker.mask_login(login, MessageMeta { message_id: "m".into(), sent_at: Utc::now() })
+                        transform
+                            .masking
+                            .masker
+                            .mask_login(login, MessageMeta { message_id: "m".into(), sent_at: Utc::now() })
                     })
                     .collect::<Vec<_>>()
             },

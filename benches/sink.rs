@@ -9,7 +9,8 @@ use std::time::Duration;
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use loginflow::decode::decode;
-use loginflow::mask::{MaskedLogin, Masker, MessageMeta};
+use loginflow::masker::Masker;
+use loginflow::records::{MaskedLogin, MessageMeta};
 use loginflow::sink::{Sink, WriteMethod};
 use secrecy::SecretString;
 
@@ -22,7 +23,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 /// `n` masked rows with fresh message ids.
 fn rows(n: usize) -> Vec<MaskedLogin> {
     let masker = Masker::new(&SecretString::from("bench-key-bench-key-bench-key-0123"));
-    loginflow::seed::synthetic(n as u64 * 2, NEXT_ID.load(Ordering::Relaxed))
+    loginflow::commands::seed::synthetic(n as u64 * 2, NEXT_ID.load(Ordering::Relaxed))
         .filter_map(|v| decode(&v.to_string()).ok())
         .take(n)
         .map(|login| {

@@ -31,7 +31,7 @@ async fn main() {
         aws_access_key_id: None,
         aws_secret_access_key: None,
     };
-    let client = loginflow::sqs::client(&sqs_args).await;
+    let client = loginflow::sqs::client(&sqs_args.access()).await;
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let tasks: Vec<_> = (0..pollers)
@@ -50,7 +50,7 @@ async fn main() {
                         // The ceiling asks for what loginflow's receives ask for.
                         receive = receive
                             .visibility_timeout(600)
-                            .message_attribute_names(loginflow::redrive::ORIGINAL_ID_ATTRIBUTE);
+                            .message_attribute_names(loginflow::sqs::ORIGINAL_ID_ATTRIBUTE);
                     }
                     let Ok(out) = receive.send().await else {
                         continue;

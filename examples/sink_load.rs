@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use loginflow::mask::MaskedLogin;
+use loginflow::records::MaskedLogin;
 use loginflow::sink::Sink;
 
 /// Column order of the CSV: `message_id, user_id, device_type, masked_ip, masked_device_id, locale,

@@ -8,7 +8,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::num::{NonZeroU64, NonZeroUsize};
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::pipeline::{PiiSettings, Settings};
+use crate::sink::stage::WindowSettings;
+use crate::source::ReceiveSettings;
 use secrecy::{ExposeSecret, SecretString};
 
 /// The default queue: the one the original task publishes to.
@@ -141,6 +147,17 @@ pub struct SqsArgs {
 }
 
 impl SqsArgs {
+    /// The queue and how to reach it, as the SQS client takes them.
+    pub fn access(&self) -> crate::sqs::Access {
+        crate::sqs::Access {
+            queue_url: self.queue_url.clone(),
+            endpoint_url: self.aws_endpoint_url.clone(),
+            region: self.aws_region.clone(),
+            access_key_id: self.aws_access_key_id.clone(),
+            secret_access_key: self.aws_secret_access_key.clone(),
+        }
+    }
+
     /// The queue's name: the last path segment of its URL.
     pub fn queue_name(&self) -> &str {
         self.queue_url.trim_end_matches('/').rsplit('/').next().unwrap_or_default()
@@ -254,10 +271,11 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_209_600))]
     pub dedup_ttl_secs: u64,
 
-    /// Most entries the dedup cache holds (1..=10000000; about 90 bytes each, measured).
-    #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "100000",
-          value_parser = count(1, 10_000_000))]
-    pub dedup_capacity: usize,
+    /// Most entries the dedup cache holds (1..=10000000; about 120 bytes each, measured). The
+    /// default covers one visibility timeout of redeliveries at ~830 msg/s (BENCHMARKS.md).
+    #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "50000",
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub dedup_capacity: u64,
 
     /// Receive batches decoded and masked at once (1..=64), each by the poller that received it
     /// (large ones on blocking threads).
@@ -361,7 +379,7 @@ pub struct RedriveArgs {
     /// `auto` uses SQS's message-move task and falls back to copying (receive, send, delete)
     /// where the endpoint has no move tasks.
     #[arg(long, value_enum, default_value = "auto")]
-    pub method: crate::redrive::Method,
+    pub method: crate::commands::redrive::Method,
 }
 
 /// `loginflow reveal`: exactly one of the lookups.
@@ -470,26 +488,45 @@ impl RunArgs {
         Ok(())
     }
 
-    pub fn batch_max_wait(&self) -> Duration {
-        Duration::from_millis(self.batch_max_wait_ms)
-    }
-    pub fn visibility_timeout(&self) -> Duration {
-        Duration::from_secs(self.visibility_timeout_secs.into())
-    }
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_secs(self.shutdown_grace_secs)
-    }
-    pub fn retry_max_backoff(&self) -> Duration {
-        Duration::from_secs(self.retry_max_backoff_secs)
-    }
-    pub fn flush_timeout(&self) -> Duration {
-        Duration::from_secs(self.flush_timeout_secs)
-    }
-    pub fn pii_key_rotation(&self) -> Duration {
-        Duration::from_secs(self.pii_key_rotation_secs)
-    }
-    pub fn drain_timeout(&self) -> Duration {
-        Duration::from_secs(self.drain_timeout_secs)
+    /// The settings `run` takes, every rule checked (the mask key read, the queue URL's shape,
+    /// settings that cannot work together); units attached.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        self.validate()?;
+        let secs = Duration::from_secs;
+        let positive = |n: usize| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
+        Ok(Settings {
+            sqs: self.sqs.access(),
+            database: self.database.database_url.clone(),
+            drain: self.drain,
+            drain_timeout: secs(self.drain_timeout_secs),
+            input_format: self.input_format,
+            metrics_addr: self.metrics_addr,
+            receive: ReceiveSettings {
+                queue_url: self.sqs.queue_url.clone(),
+                wait: secs(self.receive_wait_secs.into()),
+                visibility_timeout: secs(self.visibility_timeout_secs.into()),
+                max_backoff: secs(self.retry_max_backoff_secs),
+            },
+            pollers: positive(self.pollers),
+            dedup_ttl: secs(self.dedup_ttl_secs),
+            dedup_capacity: NonZeroU64::new(self.dedup_capacity).unwrap_or(NonZeroU64::MIN),
+            mask_key: self.load_mask_key()?,
+            quarantine_copy_max_bytes: self.copy.quarantine_copy_max_bytes,
+            mask_concurrency: positive(self.mask_concurrency),
+            windows: WindowSettings {
+                max_rows: self.batch_max_rows,
+                max_wait: Duration::from_millis(self.batch_max_wait_ms),
+                connections: self.sink_connections,
+            },
+            max_inflight_bytes: self.max_inflight_bytes,
+            flush_timeout: secs(self.flush_timeout_secs),
+            pii: self
+                .pii_kms_key_id
+                .clone()
+                .map(|kms_key_id| PiiSettings { kms_key_id, key_rotation: secs(self.pii_key_rotation_secs) }),
+            shutdown_grace: secs(self.shutdown_grace_secs),
+            retry_max_backoff: secs(self.retry_max_backoff_secs),
+        })
     }
 }
 
@@ -524,7 +561,20 @@ mod tests {
         assert_eq!(run.max_inflight_bytes, 64 << 20);
         assert!(run.validate().is_ok());
         assert_eq!(run.sqs.queue_name(), "login-queue");
-        assert_eq!(run.batch_max_wait(), Duration::from_millis(20));
+        let settings = parse(&["run", "--mask-key", &"k".repeat(32)]).map(|cli| match cli.command {
+            Command::Run(run) => run.settings().unwrap(),
+            _ => unreachable!(),
+        });
+        assert_eq!(settings.unwrap().windows.max_wait, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn the_pipeline_future_can_be_spawned() {
+        fn assert_send<T: Send>(_: &T) {}
+        let Command::Run(args) = parse(&["run", "--mask-key", &"k".repeat(32)]).unwrap().command else {
+            unreachable!()
+        };
+        assert_send(&crate::run(args.settings().unwrap(), std::future::pending()));
     }
 
     #[test]

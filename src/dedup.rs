@@ -1,116 +1,122 @@
-//! Dedup: an in-memory TTL cache of messages already committed.
+//! Dedup stage: drops messages already committed, by a moka TTL cache of their keys.
 //!
-//! A key enters the cache only after its row (or quarantine record) commits, so
-//! a cache hit is always safe to delete from the queue without writing. Copies
-//! that arrive while the first is still in flight are caught by the database's
-//! unique `message_id` instead; that guarantee also holds across restarts and replicas.
+//! A key enters the cache only after its row (or quarantine record) commits and its delete was
+//! sent, so a cache hit is always safe to delete from the queue without writing. Copies that
+//! arrive while the first is still in flight, or after the cache forgot it, are caught by the
+//! database's unique `message_id` instead; that guarantee also holds across restarts and replicas.
+//! The cache only spares those copies a database round trip.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use futures::{Stream, StreamExt};
+use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
 use crate::metrics;
+use crate::source::envelope::InputFormat;
+use crate::source::Envelope;
+use crate::summary::Stats;
+use crate::transform::{self, Opened};
 
-/// A 128-bit digest of the dedup key: small in memory, collisions out of reach.
+/// A 128-bit digest of the dedup key: 16 bytes in the cache whatever the id's length, and
+/// collisions out of reach (2^64 keys before one is likely).
 pub type Fingerprint = u128;
 
-/// The cache of committed fingerprints.
-///
-/// Every entry lives for the same TTL, so the order of insertion is the order of expiry:
-/// a set for lookups and a queue in commit order are the whole cache, with no per-entry
-/// timers, no eviction policy and no background upkeep (it replaced moka, whose lookup and
-/// insert cost ~1.9 µs per message against ~0.12 µs: BENCHMARKS.md). When full, the oldest go
-/// first. Expired ids are forgotten at the next commit marked (each delete batch), so a lookup
-/// only reads.
+/// Default of `DEDUP_CAPACITY`. Each entry costs ~120 bytes in moka (BENCHMARKS.md): 50 000 cover
+/// the redelivery window of a committed message whose delete was lost (one visibility timeout,
+/// 60 s by default) at ~830 msg/s, in ~6 MiB; a copy the cache no longer holds is still dropped by
+/// the unique index, at the cost of a round trip.
+pub const DEFAULT_CAPACITY: u64 = 50_000;
+
+/// The cache of committed fingerprints (cheap to clone: one shared cache).
 #[derive(Clone)]
 pub struct Dedup {
-    remembered: Arc<Mutex<Remembered>>,
-    capacity: usize,
-    ttl: Duration,
-}
-
-/// Most expired ids forgotten per commit: after an idle spell longer than the TTL, a full cache
-/// empties over a few commits instead of stalling one (the capacity bounds it meanwhile).
-const EXPIRED_PER_COMMIT: usize = 4096;
-
-#[derive(Default)]
-struct Remembered {
-    // foldhash, not SipHash: the keys are SHA-256 digests, which no sender can aim at a bucket.
-    fingerprints: HashSet<Fingerprint, foldhash::fast::RandomState>,
-    by_age: VecDeque<(Fingerprint, Instant)>,
-}
-
-impl Remembered {
-    fn forget_oldest(&mut self) {
-        if let Some((fingerprint, _)) = self.by_age.pop_front() {
-            self.fingerprints.remove(&fingerprint);
-        }
-    }
-
-    fn forget_expired(&mut self, now: Instant, ttl: Duration, at_most: usize) {
-        for _ in 0..at_most {
-            match self.by_age.front() {
-                Some((_, at)) if now.duration_since(*at) >= ttl => self.forget_oldest(),
-                _ => break,
-            }
-        }
-    }
+    cache: Cache<Fingerprint, (), foldhash::fast::RandomState>,
 }
 
 impl Dedup {
-    /// A cache of at most `capacity` message ids (at least 1), each remembered for `ttl`.
-    pub fn new(capacity: usize, ttl: Duration) -> Dedup {
-        Dedup { remembered: Arc::default(), capacity: capacity.max(1), ttl }
+    /// A cache of at most `capacity` message keys, each remembered for `ttl` after its commit.
+    /// When full the least recently committed go first (LRU: a new commit is always admitted).
+    pub fn new(capacity: u64, ttl: Duration) -> Dedup {
+        let cache = Cache::builder()
+            .max_capacity(capacity)
+            .time_to_live(ttl)
+            .eviction_policy(EvictionPolicy::lru())
+            // foldhash, not SipHash: the keys are SHA-256 digests, which no sender can aim at a bucket.
+            .build_with_hasher(foldhash::fast::RandomState::default());
+        Dedup { cache }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Remembered> {
-        self.remembered.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The fingerprint of a message id. Messages are keyed by id only: bodies carry no
+    /// The fingerprint of a message key. Messages are keyed by id only: bodies carry no
     /// timestamp, so two real logins can be byte-identical and must both become rows.
-    pub fn fingerprint(&self, message_id: &str) -> Fingerprint {
-        let digest = Sha256::digest(message_id.as_bytes());
+    pub fn fingerprint(message_key: &str) -> Fingerprint {
+        let digest = Sha256::digest(message_key.as_bytes());
         let mut first = [0u8; 16];
         first.copy_from_slice(&digest[..16]);
         u128::from_le_bytes(first)
     }
 
-    /// Whether a message with this fingerprint committed and is still remembered (an id past
-    /// its TTL still counts until the next commit forgets it: it did commit, so that is safe).
+    /// Whether a message with this fingerprint committed within the TTL (a lookup only: it
+    /// neither renews the entry nor counts as a use).
     pub fn is_committed(&self, fingerprint: Fingerprint) -> bool {
-        self.lock().fingerprints.contains(&fingerprint)
+        self.cache.contains_key(&fingerprint)
     }
 
-    /// Remembers fingerprints whose messages just committed (one already remembered keeps its age).
+    /// Remembers the fingerprints of one delete batch, whose messages committed.
     pub fn mark_committed(&self, fingerprints: impl IntoIterator<Item = Fingerprint>) {
-        let entries = self.mark_committed_at(fingerprints, None);
-        metrics::gauge!(metrics::DEDUP_CACHE_ENTRIES).set(entries as f64);
-    }
-
-    /// [`Dedup::mark_committed`] at a given time (tests), or now; returns the entries held.
-    fn mark_committed_at(&self, fingerprints: impl IntoIterator<Item = Fingerprint>, at: Option<Instant>) -> usize {
-        let mut remembered = self.lock();
-        let now = at.unwrap_or_else(Instant::now);
-        remembered.forget_expired(now, self.ttl, EXPIRED_PER_COMMIT);
         for fingerprint in fingerprints {
-            if !remembered.fingerprints.contains(&fingerprint) {
-                if remembered.by_age.len() >= self.capacity {
-                    remembered.forget_oldest();
-                }
-                remembered.fingerprints.insert(fingerprint);
-                remembered.by_age.push_back((fingerprint, now));
-            }
+            self.cache.insert(fingerprint, ());
         }
-        remembered.by_age.len()
+        metrics::gauge!(metrics::DEDUP_CACHE_ENTRIES).set(self.cache.entry_count() as f64);
     }
 
-    /// Entries currently held (expired ones included until the next commit).
-    pub fn entries(&self) -> usize {
-        self.lock().by_age.len()
+    /// Keys each message of a receive batch ([`transform::open`]) and looks it up: the stage's
+    /// work on one batch, without its counting.
+    pub fn key_batch(&self, batch: Vec<Envelope>, input_format: InputFormat) -> Vec<Keyed> {
+        batch
+            .into_iter()
+            .map(|envelope| {
+                let opened = transform::open(envelope, input_format);
+                let fingerprint = Dedup::fingerprint(&opened.envelope.ack.message_id);
+                Keyed { duplicate: self.is_committed(fingerprint), opened, fingerprint }
+            })
+            .collect()
     }
+
+    /// Entries held, after the cache's pending upkeep (evictions, expiries) has run.
+    pub fn entries(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+}
+
+/// A message with its key settled ([`transform::open`]) and looked up in the cache.
+#[derive(Debug)]
+pub struct Keyed {
+    pub opened: Opened,
+    pub fingerprint: Fingerprint,
+    /// Committed before (a cache hit): deleted without a write.
+    pub duplicate: bool,
+}
+
+/// The dedup stage: each receive batch, its messages keyed (the SNS key rule) and looked up.
+/// Counts what it sees (`loginflow_duplicates_dropped_total{stage="cache"}`).
+pub fn drop_committed(
+    received: impl Stream<Item = Vec<Envelope>>,
+    dedup: Dedup,
+    input_format: InputFormat,
+    stats: Arc<Stats>,
+) -> impl Stream<Item = Vec<Keyed>> {
+    received.map(move |batch| {
+        let keyed = dedup.key_batch(batch, input_format);
+        let duplicates = keyed.iter().filter(|k| k.duplicate).count() as u64;
+        metrics::counter!(metrics::DUPLICATES_DROPPED, "stage" => "cache").increment(duplicates);
+        Stats::add(&stats.duplicates, duplicates);
+        Stats::add(&stats.received, keyed.len() as u64);
+        keyed
+    })
 }
 
 #[cfg(test)]
@@ -120,54 +126,42 @@ mod tests {
     #[test]
     fn remembers_only_what_committed() {
         let dedup = Dedup::new(100, Duration::from_secs(60));
-        let a = dedup.fingerprint("m-1");
+        let a = Dedup::fingerprint("m-1");
         assert!(!dedup.is_committed(a));
         dedup.mark_committed([a]);
         assert!(dedup.is_committed(a));
-        assert!(!dedup.is_committed(dedup.fingerprint("m-2")));
+        assert!(!dedup.is_committed(Dedup::fingerprint("m-2")));
         dedup.mark_committed([a]);
         assert_eq!(dedup.entries(), 1);
     }
 
     #[test]
-    fn only_the_message_id_makes_a_duplicate() {
-        let dedup = Dedup::new(100, Duration::from_secs(60));
-        assert_ne!(dedup.fingerprint("m-1"), dedup.fingerprint("m-2"));
-        assert_eq!(dedup.fingerprint("m-1"), dedup.fingerprint("m-1"));
+    fn only_the_message_key_makes_a_duplicate() {
+        assert_ne!(Dedup::fingerprint("m-1"), Dedup::fingerprint("m-2"));
+        assert_eq!(Dedup::fingerprint("m-1"), Dedup::fingerprint("m-1"));
     }
 
     #[test]
-    fn entries_expire_a_ttl_after_their_first_commit() {
-        let dedup = Dedup::new(100, Duration::from_secs(10));
-        let (a, b, c) = (dedup.fingerprint("m-1"), dedup.fingerprint("m-2"), dedup.fingerprint("m-3"));
-        let start = Instant::now();
-        dedup.mark_committed_at([a], Some(start));
-        dedup.mark_committed_at([b, a], Some(start + Duration::from_secs(6)));
-        assert!(dedup.is_committed(a) && dedup.is_committed(b));
-        dedup.mark_committed_at([c], Some(start + Duration::from_secs(10)));
-        assert!(!dedup.is_committed(a), "a's age counts from its first commit");
-        assert!(dedup.is_committed(b) && dedup.is_committed(c));
-        assert_eq!(dedup.entries(), 2);
+    fn entries_expire_a_ttl_after_their_commit() {
+        let dedup = Dedup::new(100, Duration::from_millis(200));
+        let a = Dedup::fingerprint("m-1");
+        dedup.mark_committed([a]);
+        assert!(dedup.is_committed(a));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!dedup.is_committed(a), "forgotten after the TTL");
+        assert_eq!(dedup.entries(), 0);
     }
 
     #[test]
-    fn a_commit_after_an_idle_spell_forgets_a_bounded_number_of_expired_ids() {
-        let count = 3 * EXPIRED_PER_COMMIT;
-        let dedup = Dedup::new(count, Duration::from_secs(1));
-        let start = Instant::now();
-        dedup.mark_committed_at((0..count as u128).map(|i| i + 1_000_000), Some(start));
-        let later = Some(start + Duration::from_secs(60));
-        assert_eq!(dedup.mark_committed_at([1], later), count - EXPIRED_PER_COMMIT + 1);
-        assert_eq!(dedup.mark_committed_at([2], later), count - 2 * EXPIRED_PER_COMMIT + 2);
-    }
-
-    #[test]
-    fn capacity_bounds_the_cache_and_the_oldest_go_first() {
+    fn capacity_bounds_the_cache_and_the_latest_commits_stay() {
         let dedup = Dedup::new(50, Duration::from_secs(60));
-        let ids: Vec<_> = (0..1000).map(|i| dedup.fingerprint(&i.to_string())).collect();
-        dedup.mark_committed(ids.iter().copied());
-        assert_eq!(dedup.entries(), 50);
-        assert!(ids[950..].iter().all(|id| dedup.is_committed(*id)));
-        assert!(!ids[..950].iter().any(|id| dedup.is_committed(*id)));
+        let ids: Vec<_> = (0..1000).map(|i| Dedup::fingerprint(&i.to_string())).collect();
+        for chunk in ids.chunks(10) {
+            dedup.mark_committed(chunk.iter().copied());
+            dedup.entries();
+        }
+        assert!(dedup.entries() <= 50);
+        assert!(ids[990..].iter().all(|id| dedup.is_committed(*id)), "the last batch is always admitted");
+        assert!(ids[..900].iter().filter(|id| dedup.is_committed(**id)).count() == 0);
     }
 }

@@ -50,6 +50,18 @@ struct Readiness {
     queue_reachable: bool,
 }
 
+/// Binds `addr` and returns the server, which serves the endpoints until `stop` is cancelled.
+pub async fn start(
+    addr: std::net::SocketAddr,
+    prometheus: PrometheusHandle,
+    probes: Probes,
+    stop: CancellationToken,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving /metrics, /healthz, /readyz");
+    Ok(serve(listener, prometheus, probes, stop))
+}
+
 /// Serves the endpoints until `stop` is cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,

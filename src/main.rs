@@ -2,11 +2,12 @@
 
 use anyhow::Context;
 use clap::Parser;
+use loginflow::commands::reveal::{self, Lookup};
+use loginflow::commands::{redrive, remask, replay, seed};
 use loginflow::config::{Cli, Command, LogFormat, QuarantineCommand, VaultJobArgs};
-use loginflow::mask::Masker;
-use loginflow::vault::commands::{self, Lookup};
-use loginflow::vault::{remask, replay, KeyRing};
-use loginflow::{redrive, seed, sink::Sink, sqs};
+use loginflow::masker::Masker;
+use loginflow::vault::KeyRing;
+use loginflow::{sink::Sink, sqs};
 use tracing::Level;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::prelude::*;
@@ -62,7 +63,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run(args) => match loginflow::run(*args, loginflow::shutdown_signal()).await {
+        Command::Run(args) => match loginflow::run(args.settings()?, loginflow::pipeline::shutdown_signal()).await {
             Ok(summary) => println!("{}", serde_json::to_string_pretty(&summary_json(&summary))?),
             Err(err) => {
                 if let loginflow::RunError::DrainTimeout { summary, .. } = &err {
@@ -82,7 +83,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
         }
         Command::Seed(args) => {
             loginflow::config::validate_queue_url(&args.sqs.queue_url)?;
-            let client = sqs::client(&args.sqs).await;
+            let client = sqs::client(&args.sqs.access()).await;
             let queue_url = seed::ensure_queue(&client, args.sqs.queue_name(), args.max_receive_count).await?;
             let bodies = match (&args.file, args.count) {
                 (Some(path), _) => seed::bodies_from_file(path)?,
@@ -97,7 +98,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
         }
         Command::Redrive(args) => {
             loginflow::config::validate_queue_url(&args.sqs.queue_url)?;
-            let client = sqs::client(&args.sqs).await;
+            let client = sqs::client(&args.sqs.access()).await;
             let progress = |line: &str| eprintln!("redrive: {line}");
             let report =
                 redrive::redrive(&client, &args.sqs.queue_url, args.dlq_url.as_deref(), args.method, progress).await?;
@@ -114,9 +115,9 @@ async fn command(command: Command) -> anyhow::Result<()> {
                 (_, None, None, Some(mask)) => Lookup::MaskedDeviceId(mask),
                 _ => anyhow::bail!("give exactly one of --message-id, --user-id, --masked-ip, --masked-device-id"),
             };
-            let mut keys = KeyRing::new(aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws).await));
+            let mut keys = KeyRing::new(aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws.access()).await));
             let mut client = vault_connection(&args.database).await?;
-            let revealed = commands::reveal(&mut client, &mut keys, &lookup, &args.reason).await?;
+            let revealed = reveal::reveal(&mut client, &mut keys, &lookup, &args.reason).await?;
             for row in &revealed {
                 println!("{}", serde_json::to_string(row)?);
             }
@@ -125,7 +126,7 @@ async fn command(command: Command) -> anyhow::Result<()> {
         Command::Forget(args) => {
             let masker = Masker::new(&args.mask.load()?);
             let mut client = vault_connection(&args.database).await?;
-            let erased = commands::forget(&mut client, &masker, &args.user_id, &args.reason).await?;
+            let erased = reveal::forget(&mut client, &masker, &args.user_id, &args.reason).await?;
             println!(
                 "{}",
                 serde_json::json!({ "user_id": args.user_id, "erased": erased.len(), "message_ids": erased })
@@ -173,7 +174,7 @@ async fn vault_job(args: &VaultJobArgs) -> anyhow::Result<(Sink, KeyRing, Masker
     // Statements of a batch job may scan a large table: a longer deadline than the pipeline's flush.
     let sink = Sink::with_flush_timeout(args.database.database_url.clone(), 1, VAULT_JOB_TIMEOUT);
     sink.migrate().await.context("cannot use the database in DATABASE_URL")?;
-    let keys = KeyRing::new(aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws).await));
+    let keys = KeyRing::new(aws_sdk_kms::Client::new(&sqs::sdk_config(&args.aws.access()).await));
     Ok((sink, keys, masker))
 }
 

@@ -1,5 +1,5 @@
 //! Shapes of PII in text: the one definition of what looks like an IP address or a device id,
-//! used to scrub quarantined bodies ([`crate::mask::scrub`]) and to keep such text out of the
+//! used to scrub quarantined bodies ([`crate::masker::scrub`]) and to keep such text out of the
 //! clear columns ([`crate::decode`]).
 //!
 //! Shapes (on ASCII; other scripts' digits are not addresses to anyone's parser):

@@ -9,30 +9,44 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::Client;
 use secrecy::ExposeSecret;
 
-use crate::config::SqsArgs;
+/// Most messages one ReceiveMessage / batch call handles (an SQS limit).
+pub const SQS_BATCH_LIMIT: usize = 10;
+
+/// Message attribute naming the id of the message a copy was made from (`redrive --method copy`),
+/// so the copy is stored under the original's id and a redelivered original stays a duplicate.
+pub const ORIGINAL_ID_ATTRIBUTE: &str = "loginflow.original_message_id";
+
+/// Where the queue is and how to reach it (`QUEUE_URL`, `AWS_*`), as configuration gives it.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub queue_url: String,
+    /// An emulator's endpoint; `None` is AWS itself.
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<secrecy::SecretString>,
+}
 
 /// The AWS configuration every client (SQS, KMS) is built from. With an endpoint (an
 /// emulator) and no credentials, the emulator's `test` key is used so the SDK never probes
 /// instance metadata; otherwise the standard chain (environment, profile, web identity /
 /// IRSA, container and instance roles).
-pub async fn sdk_config(args: &SqsArgs) -> aws_config::SdkConfig {
+pub async fn sdk_config(args: &Access) -> aws_config::SdkConfig {
     // A long poll lasts up to 20 s; anything much longer than that is a dead connection.
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(3))
         .operation_attempt_timeout(Duration::from_secs(30))
         .build();
-    let explicit = match (&args.aws_access_key_id, &args.aws_secret_access_key) {
+    let explicit = match (&args.access_key_id, &args.secret_access_key) {
         (Some(id), Some(secret)) => Some(Credentials::new(id, secret.expose_secret(), None, None, "loginflow-env")),
-        _ if args.aws_endpoint_url.is_some() => {
-            Some(Credentials::new("test", "test", None, None, "loginflow-emulator"))
-        }
+        _ if args.endpoint_url.is_some() => Some(Credentials::new("test", "test", None, None, "loginflow-emulator")),
         _ => None,
     };
     // The queue's own region first: a client signs for one region, and QUEUE_URL may be in any.
     // An emulator with no region named gets the default without asking instance metadata.
     let named = region_of_queue_url(&args.queue_url)
-        .or_else(|| args.aws_region.clone())
-        .or_else(|| args.aws_endpoint_url.as_ref().map(|_| DEFAULT_REGION.to_owned()));
+        .or_else(|| args.region.clone())
+        .or_else(|| args.endpoint_url.as_ref().map(|_| DEFAULT_REGION.to_owned()));
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(timeouts)
         // Long polls legitimately send nothing for up to 20 s.
@@ -43,7 +57,7 @@ pub async fn sdk_config(args: &SqsArgs) -> aws_config::SdkConfig {
     if let Some(region) = named {
         loader = loader.region(Region::new(region));
     }
-    if let Some(endpoint) = &args.aws_endpoint_url {
+    if let Some(endpoint) = &args.endpoint_url {
         loader = loader.endpoint_url(endpoint);
     }
     let config = loader.load().await;
@@ -54,7 +68,7 @@ pub async fn sdk_config(args: &SqsArgs) -> aws_config::SdkConfig {
 }
 
 /// Builds an SQS client from [`sdk_config`].
-pub async fn client(args: &SqsArgs) -> Client {
+pub async fn client(args: &Access) -> Client {
     Client::new(&sdk_config(args).await)
 }
 

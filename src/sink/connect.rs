@@ -347,12 +347,12 @@ pub fn connect_failure(err: &tokio_postgres::Error) -> Option<&'static str> {
     }
     let text = err.to_string();
     if text.starts_with("error performing TLS handshake") {
-        let certificate = crate::error_chain(err).contains("certificate");
+        let certificate = crate::errors::error_chain(err).contains("certificate");
         return Some(if certificate { CERTIFICATE_FAILED } else { "TLS handshake failed" });
     }
     // tokio-postgres words a session refused by `target_session_attrs=read-write` (every host
     // read-only, as during a failover) like a TCP failure.
-    if crate::error_chain(err).contains("database does not allow writes") {
+    if crate::errors::error_chain(err).contains("database does not allow writes") {
         return Some("no host takes writes (target_session_attrs=read-write)");
     }
     if text.starts_with("error connecting to server") || text.starts_with("timeout waiting for server") {

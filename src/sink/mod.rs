@@ -15,6 +15,7 @@
 
 pub mod connect;
 pub mod errors;
+pub mod stage;
 
 use std::time::Duration;
 
@@ -26,8 +27,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
-use crate::mask::{MaskedLogin, QuarantineRecord};
-use crate::vault::Sealed;
+use crate::records::{MaskedLogin, QuarantineRecord, Sealed, TRANSFORM_VERSION};
 pub use connect::Database;
 pub use errors::ErrorClass;
 use errors::{classify, sqlstate};
@@ -148,9 +148,6 @@ const PROBE_INSERTS: [&str; 3] = [
     "INSERT INTO pii_data_keys (id, kms_key_id, wrapped_key) VALUES ('{id}', 'write-probe', '\\x00');
      INSERT INTO user_logins_pii (message_id, data_key_id) VALUES ('write-probe:{id}', '{id}')",
 ];
-
-/// loginflow's version, recorded on every row (`transform_version`).
-pub const TRANSFORM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Errors that fail a whole window: the database is unavailable or busy. The window is retried.
 #[derive(Debug, thiserror::Error)]
@@ -307,6 +304,26 @@ impl Sink {
     /// Creates or upgrades the schema, and learns whether row-level security applies to this role's writes to `user_logins`:
     /// COPY cannot write such a table (and tokio-postgres then loses the connection, which would
     /// read as an outage), so logins go in with the insert instead.
+    /// [`Sink::migrate`], retried while the database is unavailable. A certificate the
+    /// settings do not trust, or credentials the server refuses, end startup instead: waiting
+    /// will not change them.
+    pub async fn migrate_with_retry(&self, max_backoff: Duration) -> Result<(), SinkError> {
+        let mut backoff = crate::retry::Backoff::new(max_backoff);
+        loop {
+            match self.migrate().await {
+                Ok(()) => return Ok(()),
+                Err(err) if err.needs_operator() => return Err(err),
+                Err(err) => {
+                    crate::metrics::error("sink", "transient");
+                    crate::metrics::retry("sink");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %crate::errors::error_chain(&err), ?delay, "schema migration failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     pub async fn migrate(&self) -> Result<(), SinkError> {
         let mut client = self.pool.get().await?;
         crate::schema::migrate(&mut client).await?;
@@ -367,6 +384,11 @@ impl Sink {
             Some(answer)
         };
         tokio::time::timeout(timeout, run).await.ok().flatten()
+    }
+
+    /// The connection pool (for the vault's data keys).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// A pooled connection, for tests and tools.
@@ -493,8 +515,8 @@ async fn probe_writes(client: &tokio_postgres::Client, vault_tables: bool) -> bo
 fn describe_pool_error(err: &deadpool_postgres::PoolError) -> String {
     match err {
         deadpool_postgres::PoolError::Backend(err) => match connect::connect_failure(err) {
-            Some(step) => format!("{step}: {}", crate::error_chain(err)),
-            None => crate::error_chain(err),
+            Some(step) => format!("{step}: {}", crate::errors::error_chain(err)),
+            None => crate::errors::error_chain(err),
         },
         other => other.to_string(),
     }

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Largest SQS message body (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Room one receive of 10 messages can need: each body twice.
-pub const MAX_BATCH_BYTES: usize = 2 * crate::source::SQS_BATCH_LIMIT * MAX_BODY_BYTES;
+pub const MAX_BATCH_BYTES: usize = 2 * crate::sqs::SQS_BATCH_LIMIT * MAX_BODY_BYTES;
 /// The body size a reservation assumes before any large body was seen.
 const SMALL_BODY_BYTES: usize = 64 << 10;
 
@@ -68,7 +68,7 @@ impl Budget {
     /// Waits until a batch of bodies of the recent size fits in the budget, and reserves it.
     pub async fn reserve_batch(&self) -> Share {
         let body = self.recent_body.load(Ordering::Relaxed);
-        self.acquire(2 * crate::source::SQS_BATCH_LIMIT * body).await
+        self.acquire(2 * crate::sqs::SQS_BATCH_LIMIT * body).await
     }
 
     /// Waits for `bytes` (at most the whole budget).

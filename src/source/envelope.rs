@@ -24,9 +24,9 @@ pub enum InputFormat {
 
 /// A body made ready for decoding.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Unwrapped<'a> {
+pub enum Unwrapped {
     /// Not an envelope: the body is the event.
-    Raw(&'a str),
+    Raw,
     /// An SNS notification: its idempotency key (`sns:` + its `MessageId`) and the event.
     Sns { key: String, message: String },
 }
@@ -44,9 +44,9 @@ struct Notification {
 
 /// The event's text in a message as received: an SNS envelope's `Message`, else the body
 /// itself (a broken envelope included, which is quarantined whole).
-pub fn event<'a>(received: &'a str, unwrapped: &'a Result<Unwrapped<'_>, Rejection>) -> &'a str {
+pub fn event<'a>(received: &'a str, unwrapped: &'a Result<Unwrapped, Rejection>) -> &'a str {
     match unwrapped {
-        Ok(Unwrapped::Raw(body)) => body,
+        Ok(Unwrapped::Raw) => received,
         Ok(Unwrapped::Sns { message, .. }) => message,
         Err(_) => received,
     }
@@ -66,15 +66,15 @@ pub fn issued_id(text: &str) -> Option<String> {
 /// `TopicArn`, `Message`); anything else is an event (a raw event with an extra `TopicArn`
 /// included). An envelope whose `MessageId` is not a UUID (SNS's shape) or whose `Message` is not a
 /// string is rejected as `invalid_envelope`, and quarantined whole like any other body.
-pub fn unwrap(body: &str, format: InputFormat) -> Result<Unwrapped<'_>, Rejection> {
+pub fn unwrap(body: &str, format: InputFormat) -> Result<Unwrapped, Rejection> {
     let broken = |field: &str| Rejection { reason: Reason::InvalidEnvelope, detail: Some(field.to_owned()) };
     let notification = match format {
-        InputFormat::Raw => return Ok(Unwrapped::Raw(body)),
+        InputFormat::Raw => return Ok(Unwrapped::Raw),
         // Cheap first: nearly every raw event lacks the field altogether.
-        InputFormat::Auto if !body.contains("\"TopicArn\"") => return Ok(Unwrapped::Raw(body)),
+        InputFormat::Auto if !body.contains("\"TopicArn\"") => return Ok(Unwrapped::Raw),
         InputFormat::Auto => match serde_json::from_str::<Notification>(body) {
             Ok(n) if n.is_complete() => n,
-            _ => return Ok(Unwrapped::Raw(body)),
+            _ => return Ok(Unwrapped::Raw),
         },
         InputFormat::Sns => {
             let n: Notification = serde_json::from_str(body).map_err(|_| broken("envelope"))?;
@@ -147,7 +147,7 @@ mod tests {
                 Unwrapped::Sns { key: format!("sns:{SNS_ID}"), message: EVENT.into() }
             );
         }
-        assert_eq!(unwrap(&body, InputFormat::Raw).unwrap(), Unwrapped::Raw(&body));
+        assert_eq!(unwrap(&body, InputFormat::Raw).unwrap(), Unwrapped::Raw);
         let upper = envelope_with_id(&SNS_ID.to_uppercase().into(), &EVENT.into());
         assert_eq!(
             unwrap(&upper, InputFormat::Auto).unwrap(),
@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn plain_events_pass_through_unless_envelopes_are_required() {
-        assert_eq!(unwrap(EVENT, InputFormat::Auto).unwrap(), Unwrapped::Raw(EVENT));
+        assert_eq!(unwrap(EVENT, InputFormat::Auto).unwrap(), Unwrapped::Raw);
         assert_eq!(unwrap(EVENT, InputFormat::Sns).unwrap_err().reason, Reason::InvalidEnvelope);
     }
 
@@ -176,7 +176,7 @@ mod tests {
         let with_more = EVENT.replacen('{', r#"{"TopicArn":"t","MessageId":"203.0.113.7","Type":"Notification","#, 1);
         let other_type = envelope(&EVENT.into()).replace("\"Notification\"", "\"SubscriptionConfirmation\"");
         for body in [with_topic, with_more, other_type] {
-            assert_eq!(unwrap(&body, InputFormat::Auto).unwrap(), Unwrapped::Raw(&body), "{body}");
+            assert_eq!(unwrap(&body, InputFormat::Auto).unwrap(), Unwrapped::Raw, "{body}");
         }
     }
 
@@ -212,7 +212,7 @@ mod tests {
         }
         // A null `Message` is no `Message`: an event unless envelopes are required.
         let null_message = envelope(&serde_json::Value::Null);
-        assert_eq!(unwrap(&null_message, InputFormat::Auto).unwrap(), Unwrapped::Raw(&null_message));
+        assert_eq!(unwrap(&null_message, InputFormat::Auto).unwrap(), Unwrapped::Raw);
         let rejection = unwrap(&null_message, InputFormat::Sns).unwrap_err();
         assert_eq!((rejection.reason, rejection.detail.as_deref()), (Reason::InvalidEnvelope, Some("Message")));
         // Required to be envelopes: the missing field is named.

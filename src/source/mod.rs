@@ -2,6 +2,7 @@
 //! visibility extender that keeps held messages from being redelivered, and the byte budget.
 
 pub mod budget;
+pub mod drain;
 pub mod envelope;
 
 use std::collections::HashMap;
@@ -14,10 +15,13 @@ use aws_sdk_sqs::Client;
 use chrono::{DateTime, Utc};
 use futures::{stream, StreamExt};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics;
 use crate::retry::Backoff;
+use crate::sqs::SQS_BATCH_LIMIT;
 pub use budget::{Budget, Share};
 
 /// Visibility-extension calls in flight at once: thousands of held messages are
@@ -28,9 +32,6 @@ const EXTENSION_TICK_MAX: Duration = Duration::from_secs(5);
 
 /// How long a stopping poller waits for its long poll in flight, and for releasing what it brought.
 const RECEIVE_AFTER_STOP: Duration = Duration::from_secs(1);
-
-/// Most messages one ReceiveMessage / batch call handles (an SQS limit).
-pub const SQS_BATCH_LIMIT: usize = 10;
 
 /// What is needed to delete a message once it is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +88,7 @@ impl Envelope {
         let copy_of = message
             .message_attributes
             .as_ref()
-            .and_then(|attributes| attributes.get(crate::redrive::ORIGINAL_ID_ATTRIBUTE))
+            .and_then(|attributes| attributes.get(crate::sqs::ORIGINAL_ID_ATTRIBUTE))
             .map(|value| value.string_value().and_then(envelope::issued_id));
         let forged_copy_id = matches!(copy_of, Some(None));
         let message_id = match copy_of.flatten() {
@@ -190,30 +191,52 @@ impl InFlight {
 #[derive(Debug, Clone)]
 pub struct ReceiveSettings {
     pub queue_url: String,
-    pub wait_secs: u8,
-    pub visibility_timeout_secs: u32,
+    /// Long-poll wait per receive (`RECEIVE_WAIT_SECS`, 1..=20 s).
+    pub wait: Duration,
+    /// Visibility timeout requested on receive, and the length of each extension.
+    pub visibility_timeout: Duration,
     pub max_backoff: Duration,
 }
 
-/// One long-polling receiver: receives up to 10 messages at a time, turns each batch into
-/// what `process` makes of it, in this task (no hand-off per batch), and hands that to `out`;
-/// a batch `process` fails on (`None`, a bug) is left for redelivery.
+/// The source stage: `pollers` long-polling receivers, each handing its receive batches on as
+/// they come. The stream ends once `stop` is cancelled and every poller has returned.
+pub fn receive(
+    client: Client,
+    settings: ReceiveSettings,
+    pollers: usize,
+    in_flight: Arc<InFlight>,
+    budget: Budget,
+    stop: CancellationToken,
+) -> (TaskTracker, ReceiverStream<Vec<Envelope>>) {
+    let (out, received) = mpsc::channel(pollers * 2);
+    let tasks = TaskTracker::new();
+    for _ in 0..pollers {
+        let poller = receive_loop(
+            client.clone(),
+            settings.clone(),
+            in_flight.clone(),
+            budget.clone(),
+            out.clone(),
+            stop.clone(),
+        );
+        tasks.spawn(poller);
+    }
+    tasks.close();
+    (tasks, ReceiverStream::new(received))
+}
+
+/// One long-polling receiver: receives up to 10 messages at a time and hands each batch to `out`.
 /// Waiting on the byte budget or on a full `out` is the back-pressure that keeps memory
 /// bounded. Returns when `stop` is cancelled (at once while it waits on the budget, the queue or
-/// `out`; after the batch it is processing, which takes milliseconds) or `out` is closed; a
-/// batch it could not hand over is left for redelivery.
-pub async fn receive_loop<T, F, Fut>(
+/// `out`) or `out` is closed; a batch it could not hand over is made visible again at once.
+async fn receive_loop(
     client: Client,
     settings: ReceiveSettings,
     in_flight: Arc<InFlight>,
     budget: Budget,
-    process: F,
-    out: mpsc::Sender<T>,
+    out: mpsc::Sender<Vec<Envelope>>,
     stop: CancellationToken,
-) where
-    F: Fn(Vec<Envelope>) -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
+) {
     let mut backoff = Backoff::new(settings.max_backoff);
     loop {
         let reservation = tokio::select! {
@@ -224,10 +247,10 @@ pub async fn receive_loop<T, F, Fut>(
             .receive_message()
             .queue_url(&settings.queue_url)
             .max_number_of_messages(SQS_BATCH_LIMIT as i32)
-            .wait_time_seconds(settings.wait_secs.into())
-            .visibility_timeout(settings.visibility_timeout_secs as i32)
+            .wait_time_seconds(settings.wait.as_secs() as i32)
+            .visibility_timeout(settings.visibility_timeout.as_secs() as i32)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
-            .message_attribute_names(crate::redrive::ORIGINAL_ID_ATTRIBUTE)
+            .message_attribute_names(crate::sqs::ORIGINAL_ID_ATTRIBUTE)
             .send();
         tokio::pin!(request);
         let result = tokio::select! {
@@ -252,7 +275,7 @@ pub async fn receive_loop<T, F, Fut>(
                 metrics::error("source", "transient");
                 metrics::retry("source");
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %crate::error_chain(&err), ?delay, "receive failed; retrying");
+                tracing::warn!(error = %crate::errors::error_chain(&err), ?delay, "receive failed; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(delay) => continue,
@@ -273,13 +296,9 @@ pub async fn receive_loop<T, F, Fut>(
             envelope.share = Some(share);
         }
         let receipts: Vec<Arc<str>> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
-        let Some(processed) = process(batch).await else {
-            in_flight.release(&receipts);
-            continue;
-        };
         let sent = tokio::select! {
             _ = stop.cancelled() => false,
-            sent = out.send(processed) => sent.is_ok(),
+            sent = out.send(batch) => sent.is_ok(),
         };
         if !sent {
             // Never stored, and nothing downstream will take them: visible again at once.
@@ -378,7 +397,7 @@ async fn change_visibility(
         }
         Err(err) => {
             metrics::error("visibility", "transient");
-            tracing::warn!(error = %crate::error_chain(&err), messages = chunk.len(), "visibility change failed; retrying next round");
+            tracing::warn!(error = %crate::errors::error_chain(&err), messages = chunk.len(), "visibility change failed; retrying next round");
             Vec::new()
         }
     };

@@ -10,10 +10,7 @@
 //!
 //! Sealed format: `[1][nonce: 12 bytes][ciphertext + 16-byte tag]`.
 
-pub mod commands;
-mod quarantined;
-pub mod remask;
-pub mod replay;
+pub(crate) mod quarantined;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -27,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use zeroize::Zeroize;
 
-use crate::sink::Sink;
+use crate::records::Sealed;
+use deadpool_postgres::Pool;
 
 /// The first byte of every sealed value: the format's version.
 const FORMAT_VERSION: u8 = 1;
@@ -51,25 +49,6 @@ impl Column {
     }
 }
 
-/// Sealed values of one message, ready for `user_logins_pii`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Sealed {
-    pub data_key_id: Uuid,
-    pub ip: Option<Vec<u8>>,
-    pub device_id: Option<Vec<u8>>,
-    pub body: Option<Vec<u8>>,
-    /// Keyed fingerprints of the user ids a sealed body names ([`crate::mask::Masker::user_fingerprints`]),
-    /// so `forget` finds it by lookup; `None` for a login's values (found by its row's `user_id`).
-    pub user_fingerprints: Option<Vec<String>>,
-}
-
-impl Sealed {
-    /// Bytes of sealed values it holds.
-    pub fn bytes(&self) -> usize {
-        [&self.ip, &self.device_id, &self.body].iter().map(|v| v.as_ref().map_or(0, Vec::len)).sum()
-    }
-}
-
 /// Errors of the vault.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -84,7 +63,7 @@ pub enum VaultError {
 /// A database error (of tokio-postgres or of the sink's pool) as the vault reports it: the
 /// error and its causes, which never carry a value.
 pub(crate) fn db_error(err: impl std::error::Error + 'static) -> VaultError {
-    VaultError::Database(crate::error_chain(&err))
+    VaultError::Database(crate::errors::error_chain(&err))
 }
 
 /// An AES-256-GCM key. The cipher holds the expanded key and zeroes it when dropped.
@@ -173,8 +152,8 @@ impl std::fmt::Debug for Vault {
 
 impl Vault {
     /// Asks KMS for a first data key and stores its wrapped copy.
-    pub async fn open(kms: aws_sdk_kms::Client, kms_key_id: String, sink: &Sink) -> Result<Vault, VaultError> {
-        let key = new_data_key(&kms, &kms_key_id, sink).await?;
+    pub async fn open(kms: aws_sdk_kms::Client, kms_key_id: String, database: &Pool) -> Result<Vault, VaultError> {
+        let key = new_data_key(&kms, &kms_key_id, database).await?;
         Ok(Vault { kms, kms_key_id, current: RwLock::new(Arc::new(key)) })
     }
 
@@ -190,14 +169,14 @@ impl Vault {
 
     /// Replaces the data key every `interval` until `stop`; a failed rotation keeps the old key
     /// and is retried at the next tick.
-    pub async fn rotate_every(self: Arc<Self>, interval: Duration, sink: Sink, stop: CancellationToken) {
+    pub async fn rotate_every(self: Arc<Self>, interval: Duration, database: Pool, stop: CancellationToken) {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match new_data_key(&self.kms, &self.kms_key_id, &sink).await {
+            match new_data_key(&self.kms, &self.kms_key_id, &database).await {
                 Ok(key) => {
                     tracing::info!(data_key_id = %key.id, "PII vault: data key rotated");
                     *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(key);
@@ -239,9 +218,9 @@ impl KeyRing {
                 Err(err) => {
                     let err = aws_sdk_kms::Error::from(err);
                     if !refused_for_good(&err) {
-                        return Err(VaultError::Kms(crate::error_chain(&err)));
+                        return Err(VaultError::Kms(crate::errors::error_chain(&err)));
                     }
-                    tracing::warn!(data_key_id = %id, error = %crate::error_chain(&err), "KMS refuses a data key");
+                    tracing::warn!(data_key_id = %id, error = %crate::errors::error_chain(&err), "KMS refuses a data key");
                     self.refused.insert(id);
                     return Ok(None);
                 }
@@ -261,20 +240,20 @@ fn refused_for_good(err: &aws_sdk_kms::Error) -> bool {
 }
 
 /// `GenerateDataKey` (AES-256), then the wrapped copy into `pii_data_keys` before first use.
-async fn new_data_key(kms: &aws_sdk_kms::Client, kms_key_id: &str, sink: &Sink) -> Result<DataKey, VaultError> {
+async fn new_data_key(kms: &aws_sdk_kms::Client, kms_key_id: &str, database: &Pool) -> Result<DataKey, VaultError> {
     let out = kms
         .generate_data_key()
         .key_id(kms_key_id)
         .key_spec(DataKeySpec::Aes256)
         .send()
         .await
-        .map_err(|err| VaultError::Kms(crate::error_chain(&aws_sdk_kms::Error::from(err))))?;
+        .map_err(|err| VaultError::Kms(crate::errors::error_chain(&aws_sdk_kms::Error::from(err))))?;
     let wrapped = out.ciphertext_blob.ok_or_else(|| VaultError::Kms("no wrapped key in the answer".into()))?;
     let plaintext = out.plaintext.ok_or_else(|| VaultError::Kms("no plaintext key in the answer".into()))?;
     let id = Uuid::new_v4();
     let key = DataKey::from_plaintext(id, plaintext.into_inner())?;
     let key_arn = out.key_id.unwrap_or_else(|| kms_key_id.to_owned());
-    let client = sink.client().await.map_err(db_error)?;
+    let client = database.get().await.map_err(db_error)?;
     client
         .execute(
             "INSERT INTO pii_data_keys (id, kms_key_id, wrapped_key) VALUES ($1, $2, $3)",

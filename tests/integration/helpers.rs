@@ -51,8 +51,9 @@ impl TestEnv {
         let (base, _) = url.rsplit_once('/').expect("database URL has a path");
         let database_url = format!("{base}/{database}{query}");
 
-        let sqs = loginflow::sqs::client(&sqs_args(&endpoint, "http://unused/0/unused")).await;
-        let queue_url = loginflow::seed::ensure_queue(&sqs, &format!("test-{id}"), 5).await.expect("create queue");
+        let sqs = loginflow::sqs::client(&sqs_args(&endpoint, "http://unused/0/unused").access()).await;
+        let queue_url =
+            loginflow::commands::seed::ensure_queue(&sqs, &format!("test-{id}"), 5).await.expect("create queue");
         TestEnv { database_url, queue_url, endpoint, sqs }
     }
 
@@ -98,7 +99,7 @@ impl TestEnv {
 
     /// Runs the pipeline in-process until the queue is drained.
     pub async fn drain(&self, extra: &[&str]) -> RunSummary {
-        let run = loginflow::run(self.run_args(extra), std::future::pending());
+        let run = loginflow::run(self.run_args(extra).settings().expect("test settings"), std::future::pending());
         tokio::time::timeout(DRAIN_TIMEOUT, run).await.expect("drain finished in time").expect("run succeeded")
     }
 
@@ -116,7 +117,7 @@ impl TestEnv {
     /// Sends bodies with loginflow's own publisher, ten per call.
     pub async fn publish(&self, bodies: Vec<String>) {
         let n = bodies.len();
-        let sent = loginflow::seed::publish(&self.sqs, &self.queue_url, bodies).await.expect("publish");
+        let sent = loginflow::commands::seed::publish(&self.sqs, &self.queue_url, bodies).await.expect("publish");
         assert_eq!(sent, n);
     }
 
@@ -302,7 +303,7 @@ pub async fn run_binary(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]
 
 /// Synthetic bodies from the project's generator.
 pub fn synthetic_bodies(count: u64, seed: u64) -> Vec<String> {
-    loginflow::seed::synthetic(count, seed).map(|v| v.to_string()).collect()
+    loginflow::commands::seed::synthetic(count, seed).map(|v| v.to_string()).collect()
 }
 
 /// A port nothing listens on now.

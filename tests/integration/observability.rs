@@ -39,7 +39,7 @@ fn start_run(
     let mut args = env.run_args(extra);
     args.drain = false;
     let (stop, stopped) = oneshot::channel::<()>();
-    let run = tokio::spawn(loginflow::run(args, async move {
+    let run = tokio::spawn(loginflow::run(args.settings().expect("test settings"), async move {
         let _ = stopped.await;
     }));
     (stop, run)

@@ -4,7 +4,8 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{Duration as ChronoDuration, Utc};
 use loginflow::decode::{decode, AppVersion};
-use loginflow::mask::{Masker, MessageMeta};
+use loginflow::masker::Masker;
+use loginflow::records::MessageMeta;
 use secrecy::SecretString;
 use serde_json::{json, Value};
 
@@ -320,7 +321,12 @@ async fn a_drain_that_cannot_finish_stops_at_its_timeout_and_names_what_is_held(
     lock.batch_execute("LOCK TABLE user_logins IN ACCESS EXCLUSIVE MODE").await.unwrap();
     let args = env.run_args(&["--drain-timeout-secs", "3", "--shutdown-grace-secs", "1"]);
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(DRAIN_TIMEOUT, loginflow::run(args, std::future::pending())).await.unwrap();
+    let result = tokio::time::timeout(
+        DRAIN_TIMEOUT,
+        loginflow::run(args.settings().expect("test settings"), std::future::pending()),
+    )
+    .await
+    .unwrap();
     let elapsed = started.elapsed();
     lock.rollback().await.unwrap();
     let Err(err @ loginflow::RunError::DrainTimeout { held, .. }) = &result else { panic!("{result:?}") };
@@ -406,7 +412,7 @@ async fn ids_a_sender_wrote_are_used_only_in_their_issuers_shape() {
     // Copies claiming to be of another message: an address, and a well-formed SQS id.
     let copy_of = |original: &str| {
         std::collections::HashMap::from([(
-            loginflow::redrive::ORIGINAL_ID_ATTRIBUTE.to_owned(),
+            loginflow::sqs::ORIGINAL_ID_ATTRIBUTE.to_owned(),
             aws_sdk_sqs::types::MessageAttributeValue::builder()
                 .data_type("String")
                 .string_value(original)
@@ -451,7 +457,7 @@ async fn ids_a_sender_wrote_are_used_only_in_their_issuers_shape() {
         (
             sqs_ids[3].clone(),
             Some("invalid_envelope".to_owned()),
-            Some(loginflow::redrive::ORIGINAL_ID_ATTRIBUTE.to_owned()),
+            Some(loginflow::sqs::ORIGINAL_ID_ATTRIBUTE.to_owned()),
         ),
         (real_original.to_owned(), None, None),
     ];
@@ -507,7 +513,8 @@ async fn pii_hidden_anywhere_in_a_rejected_body_never_reaches_the_quarantine_tab
 #[tokio::test]
 async fn records_published_to_a_subscribed_sns_topic_become_rows_keyed_by_their_sns_id() {
     let env = TestEnv::new().await;
-    let sns = aws_sdk_sns::Client::new(&loginflow::sqs::sdk_config(&sqs_args(&env.endpoint, &env.queue_url)).await);
+    let sns =
+        aws_sdk_sns::Client::new(&loginflow::sqs::sdk_config(&sqs_args(&env.endpoint, &env.queue_url).access()).await);
     let topic = sns.create_topic().name(format!("logins-{}", env.queue_url.rsplit('/').next().unwrap())).send().await;
     let topic_arn = topic.expect("create topic").topic_arn.expect("topic arn");
     let queue_arn = env
@@ -608,7 +615,7 @@ async fn messages_received_after_the_stop_began_are_visible_again_at_once() {
     let mut args = env.run_args(&["--receive-wait-secs", "20", "--visibility-timeout-secs", "300"]);
     args.drain = false;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(loginflow::run(args, async move {
+    let run = tokio::spawn(loginflow::run(args.settings().expect("test settings"), async move {
         let _ = stopped.await;
     }));
     // The pollers are in their long polls on the empty queue.

@@ -2,7 +2,7 @@
 //! stored exactly once, by the move task and by the receive-send-delete copy.
 
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
-use loginflow::redrive::ORIGINAL_ID_ATTRIBUTE;
+use loginflow::sqs::ORIGINAL_ID_ATTRIBUTE;
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -100,7 +100,7 @@ async fn redrive_without_a_dead_letter_queue_says_what_to_pass() {
 async fn a_fifo_queue_drains_exactly_once_and_its_dead_letters_come_back() {
     let base = TestEnv::new().await;
     let name = format!("{}.fifo", base.queue_url.rsplit('/').next().unwrap());
-    let queue_url = loginflow::seed::ensure_queue(&base.sqs, &name, 5).await.expect("create a FIFO queue");
+    let queue_url = loginflow::commands::seed::ensure_queue(&base.sqs, &name, 5).await.expect("create a FIFO queue");
     let env = TestEnv {
         queue_url,
         database_url: base.database_url.clone(),

@@ -66,9 +66,9 @@ async fn an_untrusted_ca_is_refused_with_a_clear_error_and_nothing_is_written() 
     let wrong = with_params(&env.database_url, &format!("sslmode=verify-full&sslrootcert={}", ca("TLS_OTHER_CA_FILE")));
 
     // `run` stops at startup, naming the step that failed (waiting would not change it).
-    let run = loginflow::run(env.run_args(&["--database-url", &wrong]), std::future::pending());
+    let run = loginflow::run(env.run_args(&["--database-url", &wrong]).settings().unwrap(), std::future::pending());
     let err = tokio::time::timeout(Duration::from_secs(30), run).await.expect("startup ends").unwrap_err();
-    let message = loginflow::error_chain(&err);
+    let message = loginflow::errors::error_chain(&err);
     assert!(message.contains("DATABASE_URL") && message.contains("certificate verification failed"), "{message}");
 
     // `migrate` too, with a non-zero exit.

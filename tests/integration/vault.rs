@@ -11,7 +11,8 @@ const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample_logins.js
 
 /// A fresh symmetric KMS key on the emulator.
 async fn kms_key(env: &TestEnv) -> String {
-    let kms = aws_sdk_kms::Client::new(&loginflow::sqs::sdk_config(&sqs_args(&env.endpoint, &env.queue_url)).await);
+    let kms =
+        aws_sdk_kms::Client::new(&loginflow::sqs::sdk_config(&sqs_args(&env.endpoint, &env.queue_url).access()).await);
     let key = kms.create_key().description("loginflow test vault").send().await.expect("KMS CreateKey");
     key.key_metadata.expect("key metadata").key_id
 }
@@ -220,7 +221,7 @@ async fn remask_to_a_new_key_changes_every_mask_consistently_and_survives_being_
     assert_eq!((summary.written, summary.quarantined), (2000, 2));
 
     let new_key_id =
-        loginflow::mask::Masker::new(&secrecy::SecretString::from(NEW_KEY.to_owned())).key_id().to_string();
+        loginflow::masker::Masker::new(&secrecy::SecretString::from(NEW_KEY.to_owned())).key_id().to_string();
     let raw_by_user: HashMap<&str, (&str, &str)> =
         logins.iter().map(|(_, user, ip, device)| (user.as_str(), (ip.as_str(), device.as_str()))).collect();
     let db = env.db().await;
@@ -572,7 +573,7 @@ async fn shutdown_while_kms_does_not_answer_ends_the_run_at_once() {
     let mut args = env.run_args(&["--pii-kms-key-id", "alias/never-answers"]);
     args.sqs.aws_endpoint_url = Some(endpoint);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(loginflow::run(args, async move {
+    let run = tokio::spawn(loginflow::run(args.settings().expect("test settings"), async move {
         let _ = stopped.await;
     }));
 

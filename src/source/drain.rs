@@ -59,7 +59,7 @@ pub(crate) async fn watch_queue(
                 depth.is_empty() && in_flight.is_empty()
             }
             Err(err) => {
-                tracing::warn!(error = %crate::error_chain(&err), "cannot read queue depth");
+                tracing::warn!(error = %crate::errors::error_chain(&err), "cannot read queue depth");
                 false
             }
         };

@@ -1,24 +1,22 @@
-//! Mask: keyed, deterministic HMAC-SHA256 of the PII fields, as lower-case hex.
+//! The masker: keyed, deterministic HMAC-SHA256 of the PII fields, as lower-case hex.
 //!
 //! Equal inputs give equal masks (analysts can group and count), but without the
 //! key nobody can enumerate the 2^32 IPv4 space or the 10^9 device ids. [`scrub`] finds PII by its
 //! shape in quarantined bodies.
 
-use chrono::{DateTime, NaiveDate, Utc};
+pub mod scrub;
+
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Serialize;
 use sha2::Sha256;
 
 use std::sync::Arc;
 
-use crate::decode::{Reason, Rejection, ValidLogin};
-use crate::vault::Sealed;
+use crate::decode::{Rejection, ValidLogin};
+use crate::records::{MaskedLogin, MessageMeta, QuarantineRecord};
 
 /// What [`Masker::key_id`] masks.
 const KEY_ID_INPUT: &str = "loginflow mask key id";
-
-pub mod scrub;
 
 /// Computes masks under one secret key.
 #[derive(Clone)]
@@ -123,74 +121,6 @@ impl Masker {
     }
 }
 
-/// What the pipeline knows of a message besides its body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MessageMeta {
-    pub message_id: String,
-    pub sent_at: DateTime<Utc>,
-}
-
-/// A login ready for `user_logins`: PII already masked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct MaskedLogin {
-    pub message_id: String,
-    pub user_id: String,
-    pub device_type: String,
-    pub masked_ip: String,
-    pub masked_device_id: String,
-    pub locale: Option<String>,
-    pub app_version: i32,
-    pub app_version_text: String,
-    pub sent_at: DateTime<Utc>,
-    /// [`Masker::key_id`] of the key that made the masks.
-    #[serde(skip)]
-    pub mask_key_id: Arc<str>,
-    /// The raw `ip` and `device_id`, sealed for the vault (when it is on).
-    #[serde(skip)]
-    pub sealed: Option<Sealed>,
-}
-
-impl MaskedLogin {
-    /// The UTC date of the event, the `create_date` column.
-    pub fn create_date(&self) -> NaiveDate {
-        self.sent_at.date_naive()
-    }
-}
-
-/// A message that cannot become a row, ready for `user_logins_quarantine`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuarantineRecord {
-    pub message_id: String,
-    pub reason: Reason,
-    pub detail: Option<String>,
-    /// The body with every PII value masked.
-    pub masked_body: String,
-    pub sent_at: DateTime<Utc>,
-    pub mask_key_id: Arc<str>,
-    /// The raw body (or a refused login's raw values), sealed for the vault (when it is on).
-    pub sealed: Option<Sealed>,
-}
-
-impl QuarantineRecord {
-    /// Bytes it holds: the clear copy and the sealed original.
-    pub fn footprint(&self) -> usize {
-        self.masked_body.len() + self.sealed.as_ref().map_or(0, Sealed::bytes)
-    }
-
-    /// Quarantines a masked row that PostgreSQL refused, keeping the SQLSTATE.
-    pub fn db_rejected(login: &MaskedLogin, sqlstate: &str) -> QuarantineRecord {
-        QuarantineRecord {
-            message_id: login.message_id.clone(),
-            reason: Reason::DbRejected,
-            detail: Some(sqlstate.to_owned()),
-            masked_body: serde_json::to_string(login).unwrap_or_default(),
-            sent_at: login.sent_at,
-            mask_key_id: login.mask_key_id.clone(),
-            sealed: login.sealed.clone(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +155,7 @@ mod tests {
         let body = r#"{"user_id":"u1","app_version":"0.96","device_type":"ios","ip":"199.172.111.135","locale":null,"device_id":"593-47-5928"}"#;
         let meta = MessageMeta {
             message_id: "m1".into(),
-            sent_at: DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+            sent_at: chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
         };
         let row = m.mask_login(decode(body).unwrap(), meta);
         assert_eq!(row.masked_ip, m.mask("199.172.111.135"));

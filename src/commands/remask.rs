@@ -11,13 +11,14 @@
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::commands::audit;
-use super::quarantined::{self, Original};
-use super::{db_error, Column, KeyRing, VaultError};
+use super::audit;
 use crate::decode::decode;
-use crate::mask::{Masker, MessageMeta, QuarantineRecord};
-use crate::sink::{Sink, TRANSFORM_VERSION};
+use crate::masker::Masker;
+use crate::records::{MessageMeta, QuarantineRecord, TRANSFORM_VERSION};
+use crate::sink::Sink;
 use crate::source::envelope::{self, InputFormat};
+use crate::vault::quarantined::{self, Original};
+use crate::vault::{db_error, Column, KeyRing, VaultError};
 
 /// What a remask did.
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]

@@ -27,7 +27,7 @@ pub struct RunSummary {
 
 /// The counters behind [`RunSummary`].
 #[derive(Default)]
-pub(crate) struct Stats {
+pub struct Stats {
     pub received: AtomicU64,
     pub written: AtomicU64,
     pub duplicates: AtomicU64,

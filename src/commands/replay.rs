@@ -1,5 +1,5 @@
 //! `loginflow quarantine replay`: quarantined messages re-run from the vault through today's
-//! validator. Each one goes the pipeline's way ([`crate::pipeline::to_record`]): a message that
+//! validator. Each one goes the pipeline's way ([`crate::transform::to_record`]): a message that
 //! now passes becomes a row under its own message id and leaves quarantine in the same
 //! transaction ([`Sink::replace`]); one that still fails stays, with its new reason. A row
 //! the database refuses again is quarantined as `db_rejected` with its new SQLSTATE, as in
@@ -12,13 +12,14 @@ use chrono::Utc;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::commands::audit;
-use super::quarantined::{self, Original};
-use super::{db_error, Column, DataKey, KeyRing, VaultError};
-use crate::mask::{Masker, MessageMeta};
-use crate::pipeline::{to_record, Record};
+use super::audit;
+use crate::masker::Masker;
+use crate::records::{MessageMeta, Record};
 use crate::sink::Sink;
-use crate::source::envelope::{self, InputFormat, Unwrapped};
+use crate::source::envelope::{self, InputFormat};
+use crate::transform::{storage_key, to_record};
+use crate::vault::quarantined::{self, Original};
+use crate::vault::{db_error, Column, DataKey, KeyRing, VaultError};
 
 /// What a replay did.
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -90,13 +91,13 @@ pub async fn replay(
             let body = original.body();
             let unwrapped = envelope::unwrap(body, format);
             let mut message_id = row.message_id.clone();
-            if let Ok(Unwrapped::Sns { key: sns_id, .. }) = &unwrapped {
-                if *sns_id != message_id {
+            if let Some(sns_id) = storage_key(&unwrapped) {
+                if sns_id != message_id {
                     if !move_to_sns_id(sink, key, &message_id, sns_id, body).await? {
                         report.already_stored += 1;
                         continue;
                     }
-                    message_id = sns_id.clone();
+                    message_id = sns_id.to_owned();
                 }
             }
             let meta = MessageMeta { message_id, sent_at: row.sent_at.unwrap_or_else(Utc::now) };

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::retry::Backoff;
-use crate::source::SQS_BATCH_LIMIT;
+use crate::sqs::SQS_BATCH_LIMIT;
 
 /// SendMessageBatch calls in flight at once while seeding.
 const SEND_CONCURRENCY: usize = 8;
@@ -128,7 +128,7 @@ async fn send_chunk(client: &Client, queue_url: &str, chunk: Vec<String>) -> Res
                     return Ok(total);
                 }
             }
-            Err(err) => tracing::warn!(error = %crate::error_chain(&err), "send failed; retrying"),
+            Err(err) => tracing::warn!(error = %crate::errors::error_chain(&err), "send failed; retrying"),
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }

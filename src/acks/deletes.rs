@@ -12,7 +12,8 @@ use futures::{stream, StreamExt};
 
 use crate::metrics;
 use crate::retry::Backoff;
-use crate::source::{Ack, SQS_BATCH_LIMIT};
+use crate::source::Ack;
+use crate::sqs::SQS_BATCH_LIMIT;
 
 /// Attempts per entry before a delete is given up.
 pub const DELETE_ATTEMPTS: u32 = 8;
@@ -79,7 +80,7 @@ async fn delete_chunk(client: &Client, queue_url: &str, chunk: &[Ack], max_backo
                 pending = retry;
             }
             Err(err) => {
-                tracing::warn!(error = %crate::error_chain(&err), attempt, "delete failed; retrying");
+                tracing::warn!(error = %crate::errors::error_chain(&err), attempt, "delete failed; retrying");
             }
         }
         if attempt < DELETE_ATTEMPTS {

@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{db_error, Column, KeyRing, VaultError};
-use crate::mask::Masker;
+use super::audit;
+use crate::masker::Masker;
+use crate::vault::{db_error, Column, KeyRing, VaultError};
 
 /// Which rows `reveal` opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,29 +51,6 @@ pub struct Revealed {
     pub erased_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-}
-
-/// Who is asking: the operating-system user and the database role.
-async fn who(tx: &impl tokio_postgres::GenericClient) -> Result<String, tokio_postgres::Error> {
-    let role: String = tx.query_one("SELECT session_user::text", &[]).await?.get(0);
-    let os_user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
-    Ok(format!("{os_user} (database role {role})"))
-}
-
-/// Appends an access-log row: who, why, what action, which messages.
-pub(crate) async fn audit(
-    tx: &impl tokio_postgres::GenericClient,
-    action: &str,
-    reason: &str,
-    message_ids: &[String],
-) -> Result<(), tokio_postgres::Error> {
-    let who = who(tx).await?;
-    tx.execute(
-        "INSERT INTO pii_access_log (who, why, action, message_ids) VALUES ($1, $2, $3, $4)",
-        &[&who, &reason, &action, &message_ids],
-    )
-    .await?;
-    Ok(())
 }
 
 /// Opens the sealed values of the rows `lookup` finds. The access is logged (committed)

@@ -18,10 +18,8 @@ use aws_sdk_sqs::types::{
 use aws_sdk_sqs::Client;
 use serde::Serialize;
 
-use crate::source::SQS_BATCH_LIMIT;
+use crate::sqs::{ORIGINAL_ID_ATTRIBUTE, SQS_BATCH_LIMIT};
 
-/// Message attribute carrying a redriven copy's original message id (its idempotency key).
-pub const ORIGINAL_ID_ATTRIBUTE: &str = "loginflow.original_message_id";
 /// How long a copied message stays invisible in the dead-letter queue while it is sent.
 const COPY_VISIBILITY_SECS: i32 = 60;
 /// How often a move task's progress is read.
@@ -60,7 +58,7 @@ pub enum RedriveError {
 }
 
 fn sqs_error(err: impl Into<aws_sdk_sqs::Error>) -> RedriveError {
-    RedriveError::Sqs(crate::error_chain(&err.into()))
+    RedriveError::Sqs(crate::errors::error_chain(&err.into()))
 }
 
 /// Moves every message of the dead-letter queue (`dlq_url`, or the one the queue's redrive
@@ -144,7 +142,7 @@ async fn move_task(
     let started = client.start_message_move_task().source_arn(dlq_arn).destination_arn(queue_arn).send().await;
     if let Err(err) = started {
         let err = aws_sdk_sqs::Error::from(err);
-        let text = crate::error_chain(&err);
+        let text = crate::errors::error_chain(&err);
         let unsupported = matches!(err, aws_sdk_sqs::Error::UnsupportedOperation(_))
             || text.contains("not implemented")
             || text.contains("InvalidAction")
