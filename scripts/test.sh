@@ -20,6 +20,8 @@ prometheus_installed
 export LOGINFLOW_TEST_DATABASE_URL="$DATABASE_URL"
 echo "== cargo test (unit, integration, deploy files)"
 cargo test --lib --bins --tests -- --test-threads "${TEST_THREADS:-4}"
+echo "== Kubernetes manifests (deploy/kubernetes): schemas, KEDA CRDs, agreement with the binary"
+scripts/validate_manifests.sh
 echo "== benches, once each in test mode (they compile and run)"
 cargo test --bench cpu_path --bench sink
 echo "== fault injection (scripts/chaos.sh)"
