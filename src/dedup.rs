@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::metrics;
 use crate::source::envelope::InputFormat;
-use crate::source::Envelope;
+use crate::source::{Envelope, InFlight};
 use crate::summary::Stats;
 use crate::transform::{self, Opened};
 
@@ -93,7 +93,6 @@ impl Dedup {
 }
 
 /// A message with its key settled ([`transform::open`]) and looked up in the cache.
-#[derive(Debug)]
 pub struct Keyed {
     pub opened: Opened,
     pub fingerprint: Fingerprint,
@@ -101,16 +100,33 @@ pub struct Keyed {
     pub duplicate: bool,
 }
 
+// Written out: the unwrapped event holds raw PII, which no Debug may print.
+impl std::fmt::Debug for Keyed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyed").field("envelope", &self.opened.envelope).field("duplicate", &self.duplicate).finish()
+    }
+}
+
 /// The dedup stage: each receive batch, its messages keyed (the SNS key rule) and looked up.
 /// Counts what it sees (`loginflow_duplicates_dropped_total{stage="cache"}`).
+/// A batch whose keying panicked (a bug, not bad data) is left for redelivery: released from
+/// the in-flight registry, so its visibility is no longer extended.
 pub fn drop_committed(
     received: impl Stream<Item = Vec<Envelope>>,
     dedup: Dedup,
     input_format: InputFormat,
+    in_flight: Arc<InFlight>,
     stats: Arc<Stats>,
 ) -> impl Stream<Item = Vec<Keyed>> {
     received.map(move |batch| {
-        let keyed = dedup.key_batch(batch, input_format);
+        let receipts: Vec<Arc<str>> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
+        let keyed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dedup.key_batch(batch, input_format)));
+        let Ok(keyed) = keyed else {
+            metrics::error("decode", "gave_up");
+            tracing::error!("keying a receive batch panicked; messages left for redelivery");
+            in_flight.release(&receipts);
+            return Vec::new();
+        };
         let duplicates = keyed.iter().filter(|k| k.duplicate).count() as u64;
         metrics::counter!(metrics::DUPLICATES_DROPPED, "stage" => "cache").increment(duplicates);
         Stats::add(&stats.duplicates, duplicates);

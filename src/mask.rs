@@ -93,14 +93,14 @@ async fn process_batch(
         in_flight.release(&receipts);
         return Vec::new();
     };
-    count_what_was_made(&budget, &mut items).await;
+    count_what_was_made(&budget, &mut items);
     items
 }
 
 /// Refits the budget shares of a batch with quarantined messages to what those became: the
 /// clear copy and the sealed original, held until the window is done, where the body was.
 /// (A login becomes a few hundred bytes, less than its body: its share stays as it is.)
-async fn count_what_was_made(budget: &Budget, items: &mut [Item]) {
+fn count_what_was_made(budget: &Budget, items: &mut [Item]) {
     if !items.iter().any(|item| matches!(item.record, Record::Quarantine(_))) {
         return;
     }
@@ -116,7 +116,7 @@ async fn count_what_was_made(budget: &Budget, items: &mut [Item]) {
         shares.push(share);
         holders.push(item);
     }
-    let refitted = budget.refit(shares, &needs).await;
+    let refitted = budget.refit(shares, &needs);
     for (item, share) in holders.into_iter().zip(refitted) {
         item.share = Some(share);
     }
@@ -150,7 +150,13 @@ mod tests {
         dedup.mark_committed([Dedup::fingerprint("m-3")]);
         let batch = vec![envelope("m-1", VALID), envelope("m-2", "{oops"), envelope("m-3", VALID)];
         let stats = Arc::new(Stats::default());
-        let fresh = crate::dedup::drop_committed(stream::iter([batch]), dedup, InputFormat::Auto, stats.clone());
+        let fresh = crate::dedup::drop_committed(
+            stream::iter([batch]),
+            dedup,
+            InputFormat::Auto,
+            Arc::default(),
+            stats.clone(),
+        );
         let masking = Masking { masker: Masker::new(&secrecy::SecretString::from("k".repeat(32))), vault: None };
         let items: Vec<Item> =
             stage(fresh, Arc::new(masking), Budget::new(64 << 20), Arc::default(), 2).collect().await;

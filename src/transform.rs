@@ -10,8 +10,8 @@ use crate::source::Envelope;
 use crate::vault::DataKey;
 
 /// A received message with its key settled: `envelope.ack.message_id` is the key it is stored
-/// under, and `unwrapped` what [`envelope::unwrap`] made of its body.
-#[derive(Debug)]
+/// under, and `unwrapped` what [`envelope::unwrap`] made of its body (never printed: it holds
+/// the raw event).
 pub struct Opened {
     pub envelope: Envelope,
     pub unwrapped: Result<Unwrapped, Rejection>,

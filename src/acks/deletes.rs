@@ -11,7 +11,7 @@ use aws_sdk_sqs::Client;
 use futures::{stream, StreamExt};
 
 use crate::metrics;
-use crate::retry::Backoff;
+use crate::retry::Retry;
 use crate::source::Ack;
 use crate::sqs::SQS_BATCH_LIMIT;
 
@@ -48,10 +48,10 @@ pub async fn delete_all(client: &Client, queue_url: &str, acks: &[Ack], max_back
 
 async fn delete_chunk(client: &Client, queue_url: &str, chunk: &[Ack], max_backoff: Duration) -> Deleted {
     let mut pending: Vec<&Ack> = chunk.iter().collect();
-    let mut backoff = Backoff::new(max_backoff);
+    let mut retry = Retry::new("ack", max_backoff).attempts(DELETE_ATTEMPTS);
     let mut succeeded = 0;
     let mut gave_up = 0;
-    for attempt in 1..=DELETE_ATTEMPTS {
+    loop {
         let entries = pending.iter().enumerate().filter_map(|(i, ack)| {
             DeleteMessageBatchRequestEntry::builder()
                 .id(i.to_string())
@@ -61,35 +61,31 @@ async fn delete_chunk(client: &Client, queue_url: &str, chunk: &[Ack], max_backo
         });
         let result =
             client.delete_message_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await;
-        match result {
+        let failure: Box<dyn std::error::Error + Send + Sync> = match result {
             Ok(out) => {
-                let mut retry = Vec::new();
+                let mut retried = Vec::new();
                 for failure in &out.failed {
                     let ack = failure.id.parse::<usize>().ok().and_then(|i| pending.get(i).copied());
                     // ReceiptHandleIsInvalid and other sender faults will not improve with retries.
                     match ack {
-                        Some(ack) if !failure.sender_fault => retry.push(ack),
+                        Some(ack) if !failure.sender_fault => retried.push(ack),
                         _ => tracing::warn!(code = %failure.code, "delete refused; message will be redelivered"),
                     }
                 }
                 succeeded += out.successful.len() as u64;
-                gave_up += pending.len().saturating_sub(out.successful.len() + retry.len()) as u64;
-                if retry.is_empty() {
+                gave_up += pending.len().saturating_sub(out.successful.len() + retried.len()) as u64;
+                if retried.is_empty() {
                     return Deleted { succeeded, gave_up };
                 }
-                pending = retry;
+                pending = retried;
+                format!("{} of a batch's deletes failed on the server's side", pending.len()).into()
             }
-            Err(err) => {
-                tracing::warn!(error = %crate::errors::error_chain(&err), attempt, "delete failed; retrying");
-            }
-        }
-        if attempt < DELETE_ATTEMPTS {
-            metrics::retry("ack");
-            metrics::error("ack", "transient");
-            tokio::time::sleep(backoff.next_delay()).await;
+            Err(err) => Box::new(err),
+        };
+        if retry.after_failure(&*failure, "delete", None).await.is_err() {
+            break;
         }
     }
-    metrics::error("ack", "gave_up");
     tracing::warn!(messages = pending.len(), "gave up deleting; they will be redelivered and dropped as duplicates");
     Deleted { succeeded, gave_up: gave_up + pending.len() as u64 }
 }

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::retry::Backoff;
+use crate::retry::Retry;
 use crate::sqs::SQS_BATCH_LIMIT;
 
 /// SendMessageBatch calls in flight at once while seeding.
@@ -110,29 +110,32 @@ pub async fn publish(client: &Client, queue_url: &str, bodies: Vec<String>) -> R
 async fn send_chunk(client: &Client, queue_url: &str, chunk: Vec<String>) -> Result<usize, SeedError> {
     let mut pending: Vec<(usize, String)> = chunk.into_iter().enumerate().collect();
     let total = pending.len();
-    let mut backoff = Backoff::new(Duration::from_secs(2));
+    let mut retry = Retry::new("seed", Duration::from_secs(2)).attempts(SEND_ATTEMPTS);
     let fifo = queue_url.ends_with(FIFO_SUFFIX);
     // Fixed before the first attempt, so a retried send is deduplicated by SQS.
     let dedup_ids: Vec<String> = (0..total).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
-    for _ in 0..SEND_ATTEMPTS {
+    loop {
         let entries = pending.iter().filter_map(|(i, body)| {
             let entry = SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(body);
             let entry = if fifo { fifo_entry(entry, body, &dedup_ids[*i]) } else { entry };
             entry.build().ok()
         });
-        match client.send_message_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await {
+        let sent = client.send_message_batch().queue_url(queue_url).set_entries(Some(entries.collect())).send().await;
+        let failure: Box<dyn std::error::Error + Send + Sync> = match sent {
             Ok(out) => {
                 let failed: Vec<&str> = out.failed.iter().map(|f| f.id.as_str()).collect();
                 pending.retain(|(i, _)| failed.contains(&i.to_string().as_str()));
                 if pending.is_empty() {
                     return Ok(total);
                 }
+                format!("{} of a batch's sends failed", pending.len()).into()
             }
-            Err(err) => tracing::warn!(error = %crate::errors::error_chain(&err), "send failed; retrying"),
+            Err(err) => Box::new(err),
+        };
+        if retry.after_failure(&*failure, "send", None).await.is_err() {
+            return Err(SeedError::Unsent(pending.len()));
         }
-        tokio::time::sleep(backoff.next_delay()).await;
     }
-    Err(SeedError::Unsent(pending.len()))
 }
 
 /// The name suffix of FIFO queues.

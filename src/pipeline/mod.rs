@@ -86,7 +86,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         budget.clone(),
         stop_source.clone(),
     );
-    let fresh = dedup::drop_committed(received, dedup, settings.input_format, stats.clone());
+    let fresh = dedup::drop_committed(received, dedup, settings.input_format, in_flight.clone(), stats.clone());
     let masked = mask::stage(fresh, masking, budget, in_flight.clone(), settings.mask_concurrency.get());
     let (writes, written) = sink_stage::write(masked, writer, settings.windows);
     let acknowledged = acks::delete(written, acker.clone(), stop_source.clone());

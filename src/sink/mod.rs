@@ -13,21 +13,23 @@
 //! record that not even the quarantine table accepts is reported as unstorable, so its
 //! message can be released to the queue's redrive policy. Every write has a deadline.
 
+mod columns;
 pub mod connect;
 pub mod errors;
 pub mod stage;
 
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
 use crate::records::{MaskedLogin, QuarantineRecord, Sealed, TRANSFORM_VERSION};
+use columns::{LoginRow, COPY_LOGINS, COPY_TYPES, INSERT_LOGINS};
 pub use connect::Database;
 pub use errors::ErrorClass;
 use errors::{classify, sqlstate};
@@ -42,32 +44,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// and each statement is copied twice on its way out (parameters, then the connection's write
 /// buffer), so small statements keep big bodies from doubling the memory they take.
 const QUARANTINE_STATEMENT_BYTES: usize = 2 << 20;
-const COPY_LOGINS: &str = "\
-COPY user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
-                  app_version, app_version_text, create_date, sent_at, mask_key_id, transform_version)
-FROM STDIN (FORMAT binary)";
-const COPY_TYPES: [Type; 12] = [
-    Type::TEXT,
-    Type::VARCHAR,
-    Type::VARCHAR,
-    Type::VARCHAR,
-    Type::VARCHAR,
-    Type::VARCHAR,
-    Type::INT4,
-    Type::VARCHAR,
-    Type::DATE,
-    Type::TIMESTAMPTZ,
-    Type::TEXT,
-    Type::TEXT,
-];
-
-const INSERT_LOGINS: &str = "\
-INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
-                         app_version, app_version_text, create_date, sent_at, mask_key_id, transform_version)
-SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::int4[], $8::text[], $9::date[], $10::timestamptz[], $11::text[], $12::text[])
-ON CONFLICT (message_id) DO NOTHING";
-
 /// A message with a row already (stored by a version that validated differently, and redelivered
 /// before its delete) is not quarantined too: each message id is stored once.
 const INSERT_QUARANTINE: &str = "\
@@ -139,8 +115,7 @@ pub async fn take_erasure_lock(tx: &tokio_postgres::Transaction<'_>) -> Result<(
 /// each inserted under a savepoint and rolled back to it. `{id}` is a fresh UUID per probe, so
 /// probes of several replicas never wait on each other's rows. Values a real record could have.
 const PROBE_INSERTS: [&str; 3] = [
-    "INSERT INTO user_logins (message_id, user_id, device_type, masked_ip, masked_device_id, locale,
-         app_version, app_version_text, create_date, sent_at, mask_key_id, transform_version)
+    "INSERT INTO user_logins ({login_columns})
      VALUES ('write-probe:{id}', '{id}', 'probe', repeat('0', 64), repeat('0', 64), NULL, 10000000, '1.0',
          current_date, now(), 'probe', 'probe')",
     "INSERT INTO user_logins_quarantine (message_id, reason, detail, masked_body, sent_at, mask_key_id, transform_version)
@@ -301,29 +276,17 @@ impl Sink {
         Sink { pool, database, flush_timeout, vault_tables: false, copy_refused, held }
     }
 
-    /// Creates or upgrades the schema, and learns whether row-level security applies to this role's writes to `user_logins`:
-    /// COPY cannot write such a table (and tokio-postgres then loses the connection, which would
-    /// read as an outage), so logins go in with the insert instead.
     /// [`Sink::migrate`], retried while the database is unavailable. A certificate the
     /// settings do not trust, or credentials the server refuses, end startup instead: waiting
     /// will not change them.
     pub async fn migrate_with_retry(&self, max_backoff: Duration) -> Result<(), SinkError> {
-        let mut backoff = crate::retry::Backoff::new(max_backoff);
-        loop {
-            match self.migrate().await {
-                Ok(()) => return Ok(()),
-                Err(err) if err.needs_operator() => return Err(err),
-                Err(err) => {
-                    crate::metrics::error("sink", "transient");
-                    crate::metrics::retry("sink");
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %crate::errors::error_chain(&err), ?delay, "schema migration failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
+        let retry = crate::retry::Retry::new("sink", max_backoff);
+        retry.run("schema migration", || self.migrate(), |err: &SinkError| !err.needs_operator()).await
     }
 
+    /// Creates or upgrades the schema, and learns whether row-level security applies to this role's writes to `user_logins`:
+    /// COPY cannot write such a table (and tokio-postgres then loses the connection, which would
+    /// read as an outage), so logins go in with the insert instead.
     pub async fn migrate(&self) -> Result<(), SinkError> {
         let mut client = self.pool.get().await?;
         crate::schema::migrate(&mut client).await?;
@@ -497,7 +460,8 @@ async fn probe_writes(client: &tokio_postgres::Client, vault_tables: bool) -> bo
     }
     let id = uuid::Uuid::new_v4().to_string();
     for step in steps {
-        let sql = format!("SAVEPOINT probe; {}; ROLLBACK TO SAVEPOINT probe", step.replace("{id}", &id));
+        let step = step.replace("{id}", &id).replace("{login_columns}", &columns::names());
+        let sql = format!("SAVEPOINT probe; {step}; ROLLBACK TO SAVEPOINT probe");
         match client.batch_execute(&sql).await {
             Ok(()) => {}
             Err(err) if classify(&err) == ErrorClass::Record => {
@@ -699,26 +663,10 @@ async fn copy_logins(
     if logins.is_empty() {
         return Ok(0);
     }
-    let writer = BinaryCopyInWriter::new(tx.copy_in(COPY_LOGINS).await?, &COPY_TYPES);
+    let writer = BinaryCopyInWriter::new(tx.copy_in(COPY_LOGINS.as_str()).await?, &COPY_TYPES);
     pin_mut!(writer);
     for login in logins {
-        let create_date = login.create_date();
-        let mask_key_id: &str = &login.mask_key_id;
-        let row: [&(dyn ToSql + Sync); 12] = [
-            &login.message_id,
-            &login.user_id,
-            &login.device_type,
-            &login.masked_ip,
-            &login.masked_device_id,
-            &login.locale,
-            &login.app_version,
-            &login.app_version_text,
-            &create_date,
-            &login.sent_at,
-            &mask_key_id,
-            &TRANSFORM_VERSION,
-        ];
-        writer.as_mut().write(&row).await?;
+        writer.as_mut().write(&LoginRow::of(login).values()).await?;
     }
     writer.finish().await
 }
@@ -730,39 +678,11 @@ async fn insert_logins(
     if logins.is_empty() {
         return Ok(0);
     }
-    let column = |f: fn(&MaskedLogin) -> &str| logins.iter().map(f).collect::<Vec<&str>>();
-    let message_ids = column(|l| &l.message_id);
-    let user_ids = column(|l| &l.user_id);
-    let device_types = column(|l| &l.device_type);
-    let masked_ips = column(|l| &l.masked_ip);
-    let masked_device_ids = column(|l| &l.masked_device_id);
-    let locales: Vec<Option<&str>> = logins.iter().map(|l| l.locale.as_deref()).collect();
-    let versions: Vec<i32> = logins.iter().map(|l| l.app_version).collect();
-    let version_texts = column(|l| &l.app_version_text);
-    let dates: Vec<NaiveDate> = logins.iter().map(MaskedLogin::create_date).collect();
-    let sent: Vec<DateTime<Utc>> = logins.iter().map(|l| l.sent_at).collect();
-    let mask_key_ids = column(|l| &l.mask_key_id);
-    let versions_made = vec![TRANSFORM_VERSION; logins.len()];
-    let statement = tx.prepare_cached(INSERT_LOGINS).await?;
-    let rows = tx
-        .execute(
-            &statement,
-            &[
-                &message_ids,
-                &user_ids,
-                &device_types,
-                &masked_ips,
-                &masked_device_ids,
-                &locales,
-                &versions,
-                &version_texts,
-                &dates,
-                &sent,
-                &mask_key_ids,
-                &versions_made,
-            ],
-        )
-        .await?;
+    let rows: Vec<LoginRow> = logins.iter().map(LoginRow::of).collect();
+    let arrays = columns::arrays(&rows);
+    let parameters: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|array| &**array as &(dyn ToSql + Sync)).collect();
+    let statement = tx.prepare_cached(INSERT_LOGINS.as_str()).await?;
+    let rows = tx.execute(&statement, &parameters).await?;
     Ok(rows)
 }
 

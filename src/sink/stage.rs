@@ -19,7 +19,7 @@ use crate::dedup::Fingerprint;
 use crate::mask::Item;
 use crate::metrics;
 use crate::records::{MaskedLogin, QuarantineRecord, Record};
-use crate::retry::Backoff;
+use crate::retry::Retry;
 use crate::source::{Ack, Share};
 use crate::summary::Stats;
 
@@ -216,7 +216,8 @@ impl Writer {
     /// the records that still fail are reported unstorable, to be released for the queue's
     /// redrive policy instead of held forever.
     async fn write_with_retry(&self, window: &Window) -> Option<Committed> {
-        let mut backoff = Backoff::new(self.max_backoff);
+        let mut retry = Retry::new("sink", self.max_backoff);
+        // Failures since the last record-by-record pass (the retry counts them all).
         let mut failures = 0;
         // Failures saying "unavailable" after which the probe passed anyway: a record's doing
         // (a trigger raising such a code on some rows) once it happens twice.
@@ -235,11 +236,8 @@ impl Writer {
                 Err(err) => {
                     let class = err.class();
                     held.get_or_insert_with(|| self.sink.hold());
-                    metrics::error("sink", "transient");
-                    metrics::retry("sink");
                     failures += 1;
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %crate::errors::error_chain(&err), sqlstate = err.sqlstate(), ?class, ?delay,
+                    tracing::warn!(error = %crate::errors::error_chain(&err), sqlstate = err.sqlstate(), ?class, failures,
                                    messages = pending.len(), "batch not committed; the database cannot take it now, retrying");
                     if failures >= WINDOW_ATTEMPTS {
                         let takes_writes = tokio::select! {
@@ -267,9 +265,8 @@ impl Writer {
                             }
                         }
                     }
-                    tokio::select! {
-                        _ = self.abort.cancelled() => return None,
-                        _ = tokio::time::sleep(delay) => {}
+                    if retry.pause(Some(&self.abort)).await.is_err() {
+                        return None;
                     }
                 }
             }

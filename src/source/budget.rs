@@ -9,9 +9,9 @@
 //! down (slowly): measured with 1 MiB bodies, the receive buffers were most of the memory.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Largest SQS message body (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -41,11 +41,37 @@ pub struct Budget {
     capacity: usize,
     /// The largest body seen lately, in bytes.
     recent_body: Arc<AtomicUsize>,
+    /// What processed messages hold beyond their shares ([`Budget::refit`]).
+    debt: Arc<Debt>,
+}
+
+/// Bytes held beyond the budget: no receive starts until they are given back.
+#[derive(Debug, Default)]
+struct Debt {
+    bytes: Mutex<usize>,
+    paid: Notify,
+}
+
+/// A share's part of the [`Debt`], given back when the share is dropped.
+#[derive(Debug)]
+struct Owed {
+    debt: Arc<Debt>,
+    bytes: usize,
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        let mut bytes = self.debt.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        *bytes = bytes.saturating_sub(self.bytes);
+        if *bytes == 0 {
+            self.debt.paid.notify_waiters();
+        }
+    }
 }
 
 /// Bytes of the budget held by one message (or, before a receive, by a reservation).
 #[derive(Debug)]
-pub struct Share(OwnedSemaphorePermit);
+pub struct Share(OwnedSemaphorePermit, Option<Owed>);
 
 impl Share {
     /// The bytes it holds.
@@ -61,12 +87,14 @@ impl Budget {
         Budget {
             semaphore: Arc::new(Semaphore::new(capacity)),
             capacity,
+            debt: Arc::default(),
             recent_body: Arc::new(AtomicUsize::new(SMALL_BODY_BYTES)),
         }
     }
 
     /// Waits until a batch of bodies of the recent size fits in the budget, and reserves it.
     pub async fn reserve_batch(&self) -> Share {
+        self.debt_paid().await;
         let body = self.recent_body.load(Ordering::Relaxed);
         self.acquire(2 * crate::sqs::SQS_BATCH_LIMIT * body).await
     }
@@ -76,7 +104,7 @@ impl Budget {
         let bytes = bytes.min(self.capacity) as u32;
         let permit =
             self.semaphore.clone().acquire_many_owned(bytes).await.expect("the budget's semaphore is never closed");
-        Share(permit)
+        Share(permit, None)
     }
 
     /// Splits a reservation into one share per body; returns the unused rest to the budget.
@@ -98,16 +126,47 @@ impl Budget {
     }
 
     /// Makes the shares of processed messages hold what each has become (`needs`, one per share:
-    /// a quarantine copy and a sealed original where the body was): more room is taken as in
-    /// [`Budget::shares_for`], room no longer needed goes back.
-    pub async fn refit(&self, shares: Vec<Share>, needs: &[usize]) -> Vec<Share> {
+    /// a quarantine copy and a sealed original where the body was); room no longer needed goes
+    /// back. It never waits (a stage waiting here would hold up what follows it, which holds the
+    /// budget it waits for): room that is not free at once becomes a debt the first share carries
+    /// until it is dropped, and no receive starts while any debt is outstanding, so what is held
+    /// beyond the budget is at most what the batches in flight made of their bodies.
+    pub fn refit(&self, shares: Vec<Share>, needs: &[usize]) -> Vec<Share> {
         let mut shares = shares.into_iter();
         let Some(mut batch) = shares.next() else { return Vec::new() };
         for share in shares {
             batch.0.merge(share.0);
         }
-        let batch = self.grow(batch, needs.iter().sum()).await;
-        Budget::split(batch, needs)
+        let (total, held) = (needs.iter().sum::<usize>(), batch.0.num_permits());
+        let mut owed = None;
+        if total > held {
+            match self.semaphore.clone().try_acquire_many_owned((total - held).min(self.capacity) as u32) {
+                Ok(more) => batch.0.merge(more),
+                Err(_) => {
+                    let bytes = total - held;
+                    *self.debt.bytes.lock().unwrap_or_else(|e| e.into_inner()) += bytes;
+                    owed = Some(Owed { debt: self.debt.clone(), bytes });
+                }
+            }
+        }
+        let mut shares = Budget::split(batch, needs);
+        if let Some(first) = shares.first_mut() {
+            first.1 = owed;
+        }
+        shares
+    }
+
+    /// Resolves once no processed message holds more than its share.
+    async fn debt_paid(&self) {
+        loop {
+            let paid = self.debt.paid.notified();
+            tokio::pin!(paid);
+            paid.as_mut().enable();
+            if *self.debt.bytes.lock().unwrap_or_else(|e| e.into_inner()) == 0 {
+                return;
+            }
+            paid.await;
+        }
     }
 
     /// `batch` grown to `total` bytes: at once if the room is free; otherwise everything is
@@ -135,7 +194,7 @@ impl Budget {
             .map(|&size| {
                 // Less only when the batch is larger than the whole budget (an emulator's bodies).
                 let size = size.min(batch.0.num_permits());
-                Share(batch.0.split(size).expect("no more than the permits held"))
+                Share(batch.0.split(size).expect("no more than the permits held"), None)
             })
             .collect()
     }
@@ -171,26 +230,27 @@ mod tests {
         let budget = Budget::new(2 * MAX_BATCH_BYTES);
         let shares = budget.shares_for(budget.reserve_batch().await, vec![1_000, 2_000, 3_000]).await;
         // A body that swelled into a 64 KiB copy, one kept as it was, one that shrank.
-        let refitted = budget.refit(shares, &[65_536, 2_000, 10]).await;
+        let refitted = budget.refit(shares, &[65_536, 2_000, 10]);
         assert_eq!(refitted.iter().map(Share::bytes).collect::<Vec<_>>(), [65_536, 2_000, 10]);
         assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES - 67_546);
         drop(refitted);
         assert_eq!(budget.available(), 2 * MAX_BATCH_BYTES);
-        // No room at once: everything is given back and the whole waited for.
+        // No room at once: the shares stay, the rest is a debt, and no receive starts until it is given back.
         let hog = budget.acquire(budget.capacity() - 100).await;
-        let shares =
-            budget.shares_for(Share(budget.semaphore.clone().acquire_many_owned(50).await.unwrap()), vec![50]).await;
-        let refit = tokio::spawn({
+        let shares = budget
+            .shares_for(Share(budget.semaphore.clone().acquire_many_owned(50).await.unwrap(), None), vec![50])
+            .await;
+        let refitted = budget.refit(shares, &[1_000]);
+        assert_eq!(refitted[0].bytes(), 50, "what it had, without waiting");
+        drop(hog);
+        let receive = tokio::spawn({
             let budget = budget.clone();
-            async move { budget.refit(shares, &[1_000]).await }
+            async move { budget.reserve_batch().await }
         });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert!(!refit.is_finished(), "waits for room");
-        // Its 50 went back: tokio hands free permits to the waiter in line, so none are left free.
-        assert_eq!(budget.available(), 0);
-        drop(hog);
-        let refitted = tokio::time::timeout(std::time::Duration::from_secs(1), refit).await.unwrap().unwrap();
-        assert_eq!(refitted[0].bytes(), 1_000);
+        assert!(!receive.is_finished(), "no receive while the debt is outstanding");
+        drop(refitted);
+        tokio::time::timeout(std::time::Duration::from_secs(1), receive).await.unwrap().unwrap();
     }
 
     #[tokio::test]

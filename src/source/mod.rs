@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics;
-use crate::retry::Backoff;
+use crate::retry::Retry;
 use crate::sqs::SQS_BATCH_LIMIT;
 pub use budget::{Budget, Share};
 
@@ -237,7 +237,7 @@ async fn receive_loop(
     out: mpsc::Sender<Vec<Envelope>>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(settings.max_backoff);
+    let mut retry = Retry::new("source", settings.max_backoff);
     loop {
         let reservation = tokio::select! {
             _ = stop.cancelled() => return,
@@ -268,19 +268,13 @@ async fn receive_loop(
         };
         let messages = match result {
             Ok(output) => {
-                backoff.reset();
+                retry.succeeded();
                 output.messages.unwrap_or_default()
             }
-            Err(err) => {
-                metrics::error("source", "transient");
-                metrics::retry("source");
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %crate::errors::error_chain(&err), ?delay, "receive failed; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
+            Err(err) => match retry.after_failure(&err, "receive", Some(&stop)).await {
+                Ok(()) => continue,
+                Err(_) => return,
+            },
         };
         in_flight.received(messages.len());
         if messages.is_empty() {
