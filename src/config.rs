@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::pipeline::{PiiSettings, Settings};
 use crate::sink::stage::WindowSettings;
-use crate::source::ReceiveSettings;
+use crate::source::{PollerRange, ReceiveSettings};
 use secrecy::{ExposeSecret, SecretString};
 
 /// The default queue: the one the original task publishes to.
@@ -241,9 +241,19 @@ pub struct RunArgs {
     #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
     pub metrics_addr: SocketAddr,
 
-    /// Concurrent long-polling receivers (1..=256).
-    #[arg(long, env = "POLLERS", value_name = "POLLERS", default_value = "4", value_parser = count(1, 256))]
-    pub pollers: usize,
+    /// A fixed number of long-polling receivers (1..=256); unset, the number adapts between
+    /// MIN_POLLERS and MAX_POLLERS.
+    #[arg(long, env = "POLLERS", value_name = "POLLERS", value_parser = count(1, 256))]
+    pub pollers: Option<usize>,
+
+    /// Fewest long-polling receivers (1..=256): what runs while the queue is empty.
+    #[arg(long, env = "MIN_POLLERS", value_name = "MIN_POLLERS", default_value = "1", value_parser = count(1, 256))]
+    pub min_pollers: usize,
+
+    /// Most long-polling receivers (1..=256): one is added while every receiver's last receive
+    /// came back full (a backlog, or long round trips), one retires after an empty long poll.
+    #[arg(long, env = "MAX_POLLERS", value_name = "MAX_POLLERS", default_value = "16", value_parser = count(1, 256))]
+    pub max_pollers: usize,
 
     /// Long-poll wait per receive, 1..=20 seconds (0 would poll an empty queue in a busy loop).
     #[arg(long, env = "RECEIVE_WAIT_SECS", value_name = "RECEIVE_WAIT_SECS", default_value = "20",
@@ -461,6 +471,8 @@ pub enum ConfigError {
     MaskKeyFile { path: PathBuf, source: std::io::Error },
     #[error("QUEUE_URL {0:?} is not an http(s) URL ending in the queue name")]
     QueueUrl(String),
+    #[error("MIN_POLLERS ({min}) must not be more than MAX_POLLERS ({max})")]
+    PollerRange { min: usize, max: usize },
     #[error("VISIBILITY_TIMEOUT_SECS ({visibility_secs} s) must be longer than BATCH_MAX_WAIT_MS ({batch_wait_ms} ms): messages would become visible again while their batch waits")]
     VisibilityShorterThanBatch { visibility_secs: u32, batch_wait_ms: u64 },
 }
@@ -485,7 +497,18 @@ impl RunArgs {
                 batch_wait_ms: self.batch_max_wait_ms,
             });
         }
+        if self.pollers.is_none() && self.min_pollers > self.max_pollers {
+            return Err(ConfigError::PollerRange { min: self.min_pollers, max: self.max_pollers });
+        }
         Ok(())
+    }
+
+    /// How many pollers run: `POLLERS` pins the number, else `MIN_POLLERS..=MAX_POLLERS`.
+    pub fn poller_range(&self) -> PollerRange {
+        match self.pollers {
+            Some(fixed) => PollerRange { min: fixed, max: fixed },
+            None => PollerRange { min: self.min_pollers, max: self.max_pollers },
+        }
     }
 
     /// The settings `run` takes, every rule checked (the mask key read, the queue URL's shape,
@@ -507,7 +530,7 @@ impl RunArgs {
                 visibility_timeout: secs(self.visibility_timeout_secs.into()),
                 max_backoff: secs(self.retry_max_backoff_secs),
             },
-            pollers: positive(self.pollers),
+            pollers: self.poller_range(),
             dedup_ttl: secs(self.dedup_ttl_secs),
             dedup_capacity: NonZeroU64::new(self.dedup_capacity).unwrap_or(NonZeroU64::MIN),
             mask_key: self.load_mask_key()?,
@@ -556,7 +579,7 @@ mod tests {
         let cli = parse(&["run"]).unwrap();
         let Command::Run(run) = cli.command else { panic!("expected run") };
         let run = *run;
-        assert_eq!(run.pollers, 4);
+        assert_eq!(run.poller_range(), PollerRange { min: 1, max: 16 });
         assert_eq!(run.worker_threads, 1);
         assert_eq!(run.max_inflight_bytes, 64 << 20);
         assert!(run.validate().is_ok());
@@ -575,6 +598,18 @@ mod tests {
             unreachable!()
         };
         assert_send(&crate::run(args.settings().unwrap(), std::future::pending()));
+    }
+
+    #[test]
+    fn pollers_pins_the_range_and_a_range_upside_down_is_refused() {
+        let range = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Run(run) => (run.poller_range(), run.validate().map_err(|e| e.to_string())),
+            _ => unreachable!(),
+        };
+        assert_eq!(range(&["run", "--pollers", "4"]).0, PollerRange { min: 4, max: 4 });
+        assert_eq!(range(&["run", "--max-pollers", "8"]).0, PollerRange { min: 1, max: 8 });
+        let (_, checked) = range(&["run", "--min-pollers", "9", "--max-pollers", "8"]);
+        assert!(checked.unwrap_err().contains("MIN_POLLERS (9) must not be more than MAX_POLLERS (8)"));
     }
 
     #[test]

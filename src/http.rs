@@ -32,6 +32,8 @@ pub struct Probes {
     pub sink: Sink,
     pub sqs: aws_sdk_sqs::Client,
     pub queue_url: String,
+    /// The source's registry: how the last receive went.
+    pub in_flight: Arc<crate::source::InFlight>,
 }
 
 #[derive(Clone)]
@@ -153,11 +155,16 @@ async fn readiness(State(state): State<AppState>) -> (StatusCode, String) {
 /// Checks the database (reachable, and not found refusing writes by the sink) and the queue.
 async fn check(probes: &Probes) -> Readiness {
     let database = probes.sink.ping(PROBE_TIMEOUT);
-    let queue = tokio::time::timeout(PROBE_TIMEOUT, sqs::queue_depth(&probes.sqs, &probes.queue_url));
-    let (database_reachable, queue) = tokio::join!(database, queue);
-    Readiness {
-        database_reachable,
-        database_writable: probes.sink.is_writable(),
-        queue_reachable: matches!(queue, Ok(Ok(_))),
-    }
+    // The pollers' last receive says whether the queue answers; asked only before the first.
+    let queue = async {
+        match probes.in_flight.queue_answered() {
+            Some(answered) => answered,
+            None => matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, sqs::queue_depth(&probes.sqs, &probes.queue_url)).await,
+                Ok(Ok(_))
+            ),
+        }
+    };
+    let (database_reachable, queue_reachable) = tokio::join!(database, queue);
+    Readiness { database_reachable, database_writable: probes.sink.is_writable(), queue_reachable }
 }

@@ -189,5 +189,6 @@ fn summary_json(summary: &loginflow::RunSummary) -> serde_json::Value {
         "delete_failures": summary.delete_failures,
         "released": summary.released,
         "abandoned": summary.abandoned,
+        "sqs_requests": summary.sqs_requests.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
     })
 }

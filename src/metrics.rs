@@ -28,6 +28,9 @@ pub const DEDUP_CACHE_ENTRIES: &str = "loginflow_dedup_cache_entries";
 pub const QUEUE_MESSAGES: &str = "loginflow_queue_messages";
 pub const BUILD_INFO: &str = "loginflow_build_info";
 pub const DATABASE_WRITABLE: &str = "loginflow_database_writable";
+pub const POLLERS: &str = "loginflow_pollers";
+pub const DELETERS: &str = "loginflow_deleters";
+pub const SQS_REQUESTS: &str = "loginflow_sqs_requests_total";
 
 /// Pipeline stages, the `stage` label.
 pub const STAGES: [&str; 5] = ["source", "decode", "sink", "ack", "visibility"];
@@ -39,6 +42,15 @@ pub const OUTCOMES: [&str; 2] = ["success", "failure"];
 pub const QUEUE_STATES: [&str; 3] = ["visible", "in_flight", "delayed"];
 /// Why messages were released undeleted, the `reason` label of [`MESSAGES_RELEASED`].
 pub const RELEASE_REASONS: [&str; 2] = ["unstorable", "shutdown"];
+/// SQS actions loginflow calls, the `action` label of [`SQS_REQUESTS`] (`other` for any else).
+pub const SQS_ACTIONS: [&str; 6] = [
+    "ReceiveMessage",
+    "DeleteMessageBatch",
+    "ChangeMessageVisibilityBatch",
+    "GetQueueAttributes",
+    "SendMessageBatch",
+    "other",
+];
 /// Error kinds, the `kind` label of [`ERRORS`].
 pub const ERROR_KINDS: [&str; 3] = ["transient", "rejected_record", "gave_up"];
 
@@ -102,6 +114,9 @@ pub fn describe_all() {
         "Approximate messages in the queue, by state (visible, in_flight, delayed)."
     );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_gauge!(POLLERS, Unit::Count, "Long-polling receivers running (MIN_POLLERS..=MAX_POLLERS).");
+    describe_gauge!(DELETERS, Unit::Count, "DeleteMessageBatch calls allowed at once, growing with the acks waiting.");
+    describe_counter!(SQS_REQUESTS, Unit::Count, "SQS requests sent (each attempt; what SQS bills), by action.");
     describe_gauge!(
         DATABASE_WRITABLE,
         "1 while every batch's write commits; 0 while any batch is held and retried because the database cannot take it (down, read-only, a privilege or table gone, busy). Alert on 0 lasting."
@@ -138,6 +153,11 @@ pub fn register_all() {
         gauge!(QUEUE_MESSAGES, "state" => state).set(0.0);
     }
     gauge!(INFLIGHT_MESSAGES).set(0.0);
+    gauge!(POLLERS).set(0.0);
+    gauge!(DELETERS).set(0.0);
+    for action in SQS_ACTIONS {
+        counter!(SQS_REQUESTS, "action" => action).absolute(0);
+    }
     gauge!(DEDUP_CACHE_ENTRIES).set(0.0);
     gauge!(DATABASE_WRITABLE).set(1.0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);

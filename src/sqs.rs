@@ -1,13 +1,19 @@
 //! The SQS client shared by the source, the ack stage and `seed`, and queue-level helpers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_sqs::config::timeout::TimeoutConfig;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region, StalledStreamProtectionConfig};
+use aws_sdk_sqs::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::Client;
 use secrecy::ExposeSecret;
+
+use crate::metrics::SQS_ACTIONS;
 
 /// Most messages one ReceiveMessage / batch call handles (an SQS limit).
 pub const SQS_BATCH_LIMIT: usize = 10;
@@ -69,7 +75,54 @@ pub async fn sdk_config(args: &Access) -> aws_config::SdkConfig {
 
 /// Builds an SQS client from [`sdk_config`].
 pub async fn client(args: &Access) -> Client {
-    Client::new(&sdk_config(args).await)
+    counting_client(args, Arc::default()).await
+}
+
+/// [`client`], its requests counted into `requests` (and `loginflow_sqs_requests_total`).
+pub async fn counting_client(args: &Access, requests: Arc<Requests>) -> Client {
+    let config =
+        aws_sdk_sqs::config::Builder::from(&sdk_config(args).await).interceptor(CountRequests(requests)).build();
+    Client::from_conf(config)
+}
+
+/// SQS requests sent by one client, by action: what SQS bills (each attempt of a call is one).
+#[derive(Debug, Default)]
+pub struct Requests([AtomicU64; SQS_ACTIONS.len()]);
+
+impl Requests {
+    /// Requests sent so far, by action (every action, in [`SQS_ACTIONS`] order).
+    pub fn by_action(&self) -> Vec<(&'static str, u64)> {
+        SQS_ACTIONS.iter().zip(&self.0).map(|(action, n)| (*action, n.load(Ordering::Relaxed))).collect()
+    }
+
+    /// Requests sent so far.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Counts each request as it is sent, by the action its `X-Amz-Target` header names.
+#[derive(Debug)]
+struct CountRequests(Arc<Requests>);
+
+impl Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "loginflow_count_requests"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let target = context.request().headers().get("x-amz-target").unwrap_or_default();
+        let action = target.strip_prefix("AmazonSQS.").unwrap_or(target);
+        let index = SQS_ACTIONS.iter().position(|known| *known == action).unwrap_or(SQS_ACTIONS.len() - 1);
+        self.0 .0[index].fetch_add(1, Ordering::Relaxed);
+        crate::metrics::counter!(crate::metrics::SQS_REQUESTS, "action" => SQS_ACTIONS[index]).increment(1);
+        Ok(())
+    }
 }
 
 /// The region used when neither QUEUE_URL, AWS_REGION nor the chain names one (emulators).

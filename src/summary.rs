@@ -23,6 +23,8 @@ pub struct RunSummary {
     pub released: u64,
     /// Messages left for redelivery because shutdown's grace period ran out.
     pub abandoned: u64,
+    /// SQS requests sent (each attempt), by action: what SQS bills.
+    pub sqs_requests: Vec<(&'static str, u64)>,
 }
 
 /// The counters behind [`RunSummary`].
@@ -71,6 +73,7 @@ impl Stats {
             delete_failures: load(&self.delete_failures),
             released: load(&self.released),
             abandoned: load(&self.abandoned),
+            sqs_requests: Vec::new(),
         }
     }
 }

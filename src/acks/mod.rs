@@ -31,8 +31,11 @@ use crate::summary::Stats;
 
 /// How long a partial batch of deletes waits for more acks.
 const ACK_LINGER: Duration = Duration::from_millis(20);
-/// Delete calls in flight at once while fewer than `CATCH_UP_PENDING` acks wait.
+/// Delete calls in flight at once while deletes keep up.
 const ACK_CONCURRENCY: usize = 1;
+/// One more delete call at once for each this many acks waiting (up to `CATCH_UP_CONCURRENCY`):
+/// at a 20 ms round trip one caller deletes ~500 messages a second.
+const ACKS_PER_DELETER: usize = 500;
 /// Delete calls in flight at once when deletes fall `CATCH_UP_PENDING` acks behind.
 const CATCH_UP_CONCURRENCY: usize = 8;
 /// Acks waiting from which deletes run at `CATCH_UP_CONCURRENCY`.
@@ -80,6 +83,7 @@ pub async fn delete(written: impl Stream<Item = Written>, acker: Arc<Acker>, sou
     let mut pending: VecDeque<Stored> = VecDeque::new();
     let mut deleting: FuturesUnordered<BoxFuture<'_, ()>> = FuturesUnordered::new();
     let mut open = true;
+    let mut deleters = 0;
     tokio::pin!(written);
     while open || !pending.is_empty() || !deleting.is_empty() {
         let oldest = pending.front().map(|stored| stored.committed_at);
@@ -91,10 +95,16 @@ pub async fn delete(written: impl Stream<Item = Written>, acker: Arc<Acker>, sou
             || !open
             || source_stopped.is_cancelled()
             || acker.in_flight.backlog_taken();
+        // Deleters grow with the acks waiting: one while deletes keep up (they yield to receives),
+        // more as a longer round trip or a backlog leaves acks behind.
         let concurrency = match catch_up {
             true => CATCH_UP_CONCURRENCY,
-            false => ACK_CONCURRENCY,
+            false => (ACK_CONCURRENCY + pending.len() / ACKS_PER_DELETER).min(CATCH_UP_CONCURRENCY),
         };
+        if concurrency != deleters {
+            deleters = concurrency;
+            metrics::gauge!(metrics::DELETERS).set(deleters as f64);
+        }
         let oldest_or_now = oldest.unwrap_or_else(Instant::now);
         tokio::select! {
             biased;

@@ -22,7 +22,7 @@ use crate::acks::{self, Acker};
 use crate::dedup::{self, Dedup};
 use crate::mask::{self, Masking};
 use crate::sink::stage::{self as sink_stage, Writer};
-use crate::source::{self, Budget, InFlight};
+use crate::source::{self, Budget};
 pub use crate::summary::RunSummary;
 use crate::summary::Stats;
 pub use settings::{PiiSettings, Settings};
@@ -53,12 +53,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         return Ok(RunSummary::default());
     };
     let stats = Arc::new(Stats::default());
-    let in_flight = Arc::new(InFlight::default());
+    let in_flight = started.in_flight.clone();
     let budget = Budget::new(settings.max_inflight_bytes);
     let dedup = Dedup::new(settings.dedup_capacity.get(), settings.dedup_ttl);
     let stop_source = CancellationToken::new();
     let abort = CancellationToken::new();
-    started.watch_queue(&settings, &in_flight, &stop_source);
+    started.watch_queue(&settings, &stop_source);
 
     let masking = Arc::new(Masking { masker: settings.masker(), vault: started.vault.clone() });
     let writer = Arc::new(Writer {
@@ -81,7 +81,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let (pollers, received) = source::receive(
         started.sqs.clone(),
         settings.receive.clone(),
-        settings.pollers.get(),
+        settings.pollers,
         in_flight.clone(),
         budget.clone(),
         stop_source.clone(),
@@ -96,7 +96,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
     let ending = shutdown::drive(pipeline, shutdown, &settings, &stop_source, &abort, &acker, &pollers).await;
     started.stop().await;
-    let summary = stats.summary();
+    let summary = RunSummary { sqs_requests: started.requests.by_action(), ..stats.summary() };
     match ending {
         Ending::Done => Ok(summary),
         Ending::DrainTimedOut { held, queue } => Err(RunError::DrainTimeout {

@@ -11,7 +11,7 @@ use crate::masker::Masker;
 use crate::sink::stage::WindowSettings;
 use crate::sink::Database;
 use crate::source::envelope::InputFormat;
-use crate::source::ReceiveSettings;
+use crate::source::{PollerRange, ReceiveSettings};
 use crate::sqs;
 
 /// Everything `run` is tuned by.
@@ -26,7 +26,7 @@ pub struct Settings {
     pub input_format: InputFormat,
     pub metrics_addr: SocketAddr,
     pub receive: ReceiveSettings,
-    pub pollers: NonZeroUsize,
+    pub pollers: PollerRange,
     pub dedup_ttl: Duration,
     pub dedup_capacity: NonZeroU64,
     pub mask_key: SecretString,

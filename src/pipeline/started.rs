@@ -24,6 +24,10 @@ pub(super) struct Started {
     pub sqs: aws_sdk_sqs::Client,
     pub sink: Sink,
     pub vault: Option<Arc<Vault>>,
+    /// What the SQS client has sent, by action.
+    pub requests: Arc<sqs::Requests>,
+    /// Messages received and not yet deleted (and how the last receive went).
+    pub in_flight: Arc<InFlight>,
     background: CancellationToken,
     tracker: TaskTracker,
 }
@@ -36,17 +40,26 @@ impl Started {
         shutdown: &mut Pin<&mut impl Future<Output = ()>>,
     ) -> Result<Option<Started>, RunError> {
         let prometheus = metrics::install();
-        let sqs = sqs::client(&settings.sqs).await;
+        let requests = Arc::new(sqs::Requests::default());
+        let sqs = sqs::counting_client(&settings.sqs, requests.clone()).await;
         let sink =
             Sink::with_flush_timeout(settings.database.clone(), settings.windows.connections, settings.flush_timeout)
                 .with_vault_tables(settings.pii.is_some());
-        let started =
-            Started { sqs, sink, vault: None, background: CancellationToken::new(), tracker: TaskTracker::new() };
+        let started = Started {
+            sqs,
+            sink,
+            vault: None,
+            requests,
+            in_flight: Arc::default(),
+            background: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        };
 
         let probes = http::Probes {
             sink: started.sink.clone(),
             sqs: started.sqs.clone(),
             queue_url: settings.receive.queue_url.clone(),
+            in_flight: started.in_flight.clone(),
         };
         let serving = http::start(settings.metrics_addr, prometheus, probes, started.background.clone())
             .await
@@ -80,7 +93,8 @@ impl Started {
 
     /// Starts the source's background tasks: visibility extension of what `in_flight` holds,
     /// and the queue watcher (the depth gauge; with `--drain`, stopping the source when done).
-    pub fn watch_queue(&self, settings: &Settings, in_flight: &Arc<InFlight>, stop_source: &CancellationToken) {
+    pub fn watch_queue(&self, settings: &Settings, stop_source: &CancellationToken) {
+        let in_flight = &self.in_flight;
         let queue_url = settings.receive.queue_url.clone();
         self.tracker.spawn(source::extend_visibility(
             self.sqs.clone(),

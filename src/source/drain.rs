@@ -11,6 +11,9 @@ use crate::sqs;
 /// How often the queue's depth is read (for the gauge), and how often `--drain` checks it
 /// (besides at once when the last held message is released: deleted, or left for redelivery).
 const QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the depth is read while nothing is held: an idle queue costs its long polls and
+/// one read a minute (SQS bills each request).
+const IDLE_QUEUE_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How many empty checks in a row `--drain` needs before it stops, and the pause before each
 /// confirming one: the queue's counts are approximate, so one reading is not enough; the pause
@@ -18,7 +21,8 @@ const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 const DRAIN_CONFIRMATIONS: u32 = 2;
 const DRAIN_CONFIRM_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Publishes the queue's depth every [`QUEUE_CHECK_INTERVAL`]; with `drain`, also stops the source
+/// Publishes the queue's depth every [`QUEUE_CHECK_INTERVAL`] while messages are held, every
+/// [`IDLE_QUEUE_CHECK_INTERVAL`] otherwise; with `drain`, also stops the source
 /// once the queue reports nothing visible, in flight or delayed and nothing received is still held,
 /// on several checks in a row. While messages are held the queue cannot be drained, so the drain
 /// check skips the call then (counting a large queue is expensive for the SQS emulator), and
@@ -42,7 +46,8 @@ pub(crate) async fn watch_queue(
             // reading must not cut the confirming pause short.
             () = emptied_after(&in_flight, last_read.map(|at| at + DRAIN_CONFIRM_INTERVAL)), if drain.is_some() && confirmations == 0 => {}
         }
-        let gauge_due = last_read.is_none_or(|at| at.elapsed() >= QUEUE_CHECK_INTERVAL);
+        let gauge_interval = if in_flight.is_empty() { IDLE_QUEUE_CHECK_INTERVAL } else { QUEUE_CHECK_INTERVAL };
+        let gauge_due = last_read.is_none_or(|at| at.elapsed() >= gauge_interval);
         let drain_check = drain.is_some() && in_flight.is_empty();
         if !gauge_due && !drain_check {
             confirmations = 0;

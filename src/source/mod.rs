@@ -6,7 +6,7 @@ pub mod drain;
 pub mod envelope;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,8 @@ pub struct InFlight {
     // on release, and the handles come from SQS, not from whoever sends messages.
     held: Mutex<HashMap<Arc<str>, Instant, foldhash::fast::RandomState>>,
     backlog_taken: AtomicBool,
+    /// How the last receive went: 0 none yet, 1 answered, 2 failed.
+    queue_answered: std::sync::atomic::AtomicU8,
     emptied: tokio::sync::Notify,
 }
 
@@ -122,6 +124,20 @@ impl InFlight {
 
     fn received(&self, messages: usize) {
         self.backlog_taken.store(messages < SQS_BATCH_LIMIT, Ordering::Relaxed);
+        self.queue_answered.store(1, Ordering::Relaxed);
+    }
+
+    fn receive_failed(&self) {
+        self.queue_answered.store(2, Ordering::Relaxed);
+    }
+
+    /// Whether the queue answered the last receive (`None` before any came back): the readiness
+    /// check reads this rather than asking SQS itself, so probes cost no requests.
+    pub fn queue_answered(&self) -> Option<bool> {
+        match self.queue_answered.load(Ordering::Relaxed) {
+            0 => None,
+            answered => Some(answered == 1),
+        }
     }
 
     /// Records newly received messages (their visibility clock starts now).
@@ -198,45 +214,148 @@ pub struct ReceiveSettings {
     pub max_backoff: Duration,
 }
 
-/// The source stage: `pollers` long-polling receivers, each handing its receive batches on as
-/// they come. The stream ends once `stop` is cancelled and every poller has returned.
+/// How many pollers run: from `min`, one more while every poller's last receive came back full,
+/// up to `max`; a poller whose long poll comes back empty retires while more than `min` run.
+/// `POLLERS` pins both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollerRange {
+    pub min: usize,
+    pub max: usize,
+}
+
+/// Messages in flight on the queue past which no poller is added: SQS refuses receives past
+/// 120 000 in flight per queue, and every replica counts against that.
+const IN_FLIGHT_CEILING: usize = 60_000;
+
+/// The source stage: long-polling receivers, as many as [`PollerRange`] allows, each handing its
+/// receive batches on as they come. The stream ends once `stop` is cancelled and every poller has
+/// returned.
 pub fn receive(
     client: Client,
     settings: ReceiveSettings,
-    pollers: usize,
+    range: PollerRange,
     in_flight: Arc<InFlight>,
     budget: Budget,
     stop: CancellationToken,
 ) -> (TaskTracker, ReceiverStream<Vec<Envelope>>) {
-    let (out, received) = mpsc::channel(pollers * 2);
-    let tasks = TaskTracker::new();
-    for _ in 0..pollers {
-        let poller = receive_loop(
-            client.clone(),
-            settings.clone(),
-            in_flight.clone(),
-            budget.clone(),
-            out.clone(),
-            stop.clone(),
-        );
-        tasks.spawn(poller);
+    let range = PollerRange { min: range.min.max(1), max: range.max.max(range.min.max(1)) };
+    let (out, received) = mpsc::channel((2 * range.max).min(64));
+    let pollers = Arc::new(Pollers {
+        client,
+        settings,
+        in_flight,
+        budget,
+        out,
+        stop,
+        tasks: TaskTracker::new(),
+        range,
+        active: AtomicUsize::new(0),
+        full: AtomicUsize::new(0),
+    });
+    for _ in 0..range.min {
+        pollers.clone().add();
     }
-    tasks.close();
-    (tasks, ReceiverStream::new(received))
+    pollers.tasks.close();
+    (pollers.tasks.clone(), ReceiverStream::new(received))
 }
 
-/// One long-polling receiver: receives up to 10 messages at a time and hands each batch to `out`.
-/// Waiting on the byte budget or on a full `out` is the back-pressure that keeps memory
-/// bounded. Returns when `stop` is cancelled (at once while it waits on the budget, the queue or
-/// `out`) or `out` is closed; a batch it could not hand over is made visible again at once.
-async fn receive_loop(
+/// The running pollers and what they share.
+struct Pollers {
     client: Client,
     settings: ReceiveSettings,
     in_flight: Arc<InFlight>,
     budget: Budget,
     out: mpsc::Sender<Vec<Envelope>>,
     stop: CancellationToken,
-) {
+    tasks: TaskTracker,
+    range: PollerRange,
+    /// Pollers running.
+    active: AtomicUsize,
+    /// Pollers whose last receive came back full.
+    full: AtomicUsize,
+}
+
+impl Pollers {
+    /// Starts one more poller (the caller has checked the range).
+    fn add(self: Arc<Self>) {
+        let active = self.active.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(metrics::POLLERS).set(active as f64);
+        self.seat();
+    }
+
+    /// Runs a poller in a place already counted in `active`.
+    fn seat(self: Arc<Self>) {
+        let tasks = self.tasks.clone();
+        tasks.spawn(receive_loop(Seat { pollers: self, full: false, seated: true }));
+    }
+
+    /// After a full receive: one more poller when every poller's last receive was full, the range
+    /// allows it, and the queue's in-flight limit is far off.
+    fn grow(self: &Arc<Self>) {
+        if self.in_flight.len() >= IN_FLIGHT_CEILING {
+            return;
+        }
+        let full = self.full.load(Ordering::Relaxed);
+        let grown = self
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| (a < self.range.max && full >= a).then_some(a + 1));
+        if let Ok(was) = grown {
+            metrics::gauge!(metrics::POLLERS).set((was + 1) as f64);
+            self.clone().seat();
+        }
+    }
+
+    /// After an empty long poll: whether this poller retires (more than `min` run).
+    fn retire(&self) -> bool {
+        let retired =
+            self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| (a > self.range.min).then(|| a - 1));
+        if let Ok(was) = retired {
+            metrics::gauge!(metrics::POLLERS).set((was - 1) as f64);
+        }
+        retired.is_ok()
+    }
+}
+
+/// One poller's place among the running ones, given up when it ends.
+struct Seat {
+    pollers: Arc<Pollers>,
+    /// Whether its last receive came back full.
+    full: bool,
+    /// Whether it still counts as running (a retired poller gave its place up already).
+    seated: bool,
+}
+
+impl Seat {
+    fn received(&mut self, messages: usize) {
+        let full = messages >= SQS_BATCH_LIMIT;
+        if full != self.full {
+            match full {
+                true => self.pollers.full.fetch_add(1, Ordering::Relaxed),
+                false => self.pollers.full.fetch_sub(1, Ordering::Relaxed),
+            };
+            self.full = full;
+        }
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.received(0);
+        if self.seated {
+            let active = self.pollers.active.fetch_sub(1, Ordering::Relaxed) - 1;
+            metrics::gauge!(metrics::POLLERS).set(active as f64);
+        }
+    }
+}
+
+/// One long-polling receiver: receives up to 10 messages at a time and hands each batch to `out`.
+/// Waiting on the byte budget or on a full `out` is the back-pressure that keeps memory
+/// bounded. Returns when `stop` is cancelled (at once while it waits on the budget, the queue or
+/// `out`), `out` is closed, or it retires after an empty long poll; a batch it could not hand
+/// over is made visible again at once.
+async fn receive_loop(mut seat: Seat) {
+    let pollers = seat.pollers.clone();
+    let Pollers { client, settings, in_flight, budget, out, stop, .. } = &*pollers;
     let mut retry = Retry::new("source", settings.max_backoff);
     loop {
         let reservation = tokio::select! {
@@ -261,7 +380,7 @@ async fn receive_loop(
                 if let Ok(Ok(output)) = tokio::time::timeout(RECEIVE_AFTER_STOP, request).await {
                     let receipts: Vec<Arc<str>> =
                         output.messages.unwrap_or_default().into_iter().filter_map(|m| m.receipt_handle.map(Arc::from)).collect();
-                    release_at_stop(&client, &settings.queue_url, &receipts).await;
+                    release_at_stop(client, &settings.queue_url, &receipts).await;
                 }
                 return;
             }
@@ -271,14 +390,27 @@ async fn receive_loop(
                 retry.succeeded();
                 output.messages.unwrap_or_default()
             }
-            Err(err) => match retry.after_failure(&err, "receive", Some(&stop)).await {
+            Err(err) => match {
+                in_flight.receive_failed();
+                retry.after_failure(&err, "receive", Some(stop))
+            }
+            .await
+            {
                 Ok(()) => continue,
                 Err(_) => return,
             },
         };
         in_flight.received(messages.len());
+        seat.received(messages.len());
         if messages.is_empty() {
+            if pollers.retire() {
+                seat.seated = false;
+                return;
+            }
             continue;
+        }
+        if seat.full {
+            pollers.grow();
         }
         let now = Utc::now();
         let mut batch: Vec<Envelope> = messages.into_iter().filter_map(|m| Envelope::from_message(m, now)).collect();
@@ -297,7 +429,7 @@ async fn receive_loop(
         if !sent {
             // Never stored, and nothing downstream will take them: visible again at once.
             in_flight.release(&receipts);
-            release_at_stop(&client, &settings.queue_url, &receipts).await;
+            release_at_stop(client, &settings.queue_url, &receipts).await;
             return;
         }
     }
