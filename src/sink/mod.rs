@@ -135,6 +135,8 @@ pub enum SinkError {
     Timeout(Duration),
     #[error("write cancelled by shutdown; rolled back")]
     Cancelled,
+    #[error(transparent)]
+    Migration(crate::schema::MigrationError),
 }
 
 impl SinkError {
@@ -143,6 +145,7 @@ impl SinkError {
     pub fn class(&self) -> ErrorClass {
         match self {
             SinkError::Database(err) => classify(err),
+            SinkError::Migration(err) => err.database_error().map_or(ErrorClass::Unavailable, classify),
             SinkError::Pool(_) => ErrorClass::Unavailable,
             SinkError::Timeout(_) | SinkError::Cancelled => ErrorClass::Busy,
         }
@@ -152,6 +155,7 @@ impl SinkError {
     pub fn sqlstate(&self) -> &str {
         match self {
             SinkError::Database(err) => sqlstate(err),
+            SinkError::Migration(err) => err.database_error().map_or("none", sqlstate),
             SinkError::Pool(deadpool_postgres::PoolError::Backend(err)) => sqlstate(err),
             _ => "none",
         }
@@ -289,7 +293,11 @@ impl Sink {
     /// read as an outage), so logins go in with the insert instead.
     pub async fn migrate(&self) -> Result<(), SinkError> {
         let mut client = self.pool.get().await?;
-        crate::schema::migrate(&mut client).await?;
+        if let Err(err) = crate::schema::migrate(&mut client).await {
+            // It may still hold the migration lock: never back into the pool.
+            drop(Object::take(client));
+            return Err(SinkError::Migration(err));
+        }
         let row = client.query_one("SELECT row_security_active('user_logins')", &[]).await?;
         self.copy_refused.store(row.get::<_, bool>(0), std::sync::atomic::Ordering::Relaxed);
         Ok(())

@@ -333,6 +333,81 @@ async fn three_replicas_draining_one_queue_store_each_message_once() {
     );
 }
 
+/// What one replica of the autoscaled drain did, for RELIABILITY.md.
+struct ReplicaFigures {
+    name: &'static str,
+    ended: &'static str,
+    summary: Value,
+}
+
+#[tokio::test]
+async fn replicas_joining_and_leaving_mid_drain_as_an_autoscaler_would_store_each_message_once() {
+    let env = TestEnv::new().await;
+    let bodies = synthetic_bodies(20_000, 120);
+    let sent = env.publish_with_ids(&bodies).await;
+    // Adaptive pollers (the defaults), a 10 s grace as a pod's terminationGracePeriod allows.
+    let settings = [("SHUTDOWN_GRACE_SECS", "10".to_owned())];
+    let spawn = || Loginflow::spawn(&env, &["--drain"], &settings);
+    let started = Instant::now();
+    let mut running: Vec<(&'static str, Loginflow)> = vec![("r1", spawn()), ("r2", spawn())];
+    let mut figures = Vec::new();
+    let mut logs = String::new();
+    // Scale out, in, out, in: each step once the drain has made progress, as queue depth would drive it.
+    for (step, rows) in [("out", 3_000), ("in", 7_000), ("out", 11_000), ("in", 14_000)] {
+        wait_for_rows(&env, rows).await;
+        match step {
+            "out" => {
+                let name = if running.iter().any(|(n, _)| *n == "r3") { "r4" } else { "r3" };
+                running.push((name, spawn()));
+            }
+            _ => {
+                let (name, leaving) = running.remove(0);
+                sigterm(&leaving);
+                let (ok, summary, replica_logs) = leaving.finish(Duration::from_secs(30)).await;
+                assert!(ok, "{name}: SIGTERM exits 0");
+                logs.push_str(&replica_logs);
+                figures.push(ReplicaFigures { name, ended: "SIGTERM", summary });
+            }
+        }
+    }
+    for (name, replica) in running {
+        let (ok, summary, replica_logs) = replica.finish(Duration::from_secs(300)).await;
+        assert!(ok, "{name}: --drain exits 0");
+        logs.push_str(&replica_logs);
+        figures.push(ReplicaFigures { name, ended: "drained", summary });
+    }
+    let elapsed = started.elapsed();
+    let dead_letters = env.take_dead_letters().await;
+    assert!(dead_letters.is_empty(), "nothing reaches the dead-letter queue: {dead_letters:?}");
+    let (lost, duplicated) = env.assert_exactly_once(&sent).await;
+    let total = |field: &str| figures.iter().map(|f| f.summary[field].as_u64().unwrap_or(0)).sum::<u64>();
+    assert_eq!(total("written"), 19_800, "each valid message written by exactly one replica");
+    assert_eq!(total("quarantined"), 200);
+    assert_eq!(total("abandoned"), 0, "each leaving replica finished its work within the grace period");
+    assert!(figures.iter().all(|f| f.summary["written"].as_u64().unwrap_or(0) > 0), "every replica took a share");
+    assert_no_pii(&env, &bodies, &logs).await;
+    let each: Vec<String> = figures
+        .iter()
+        .map(|f| {
+            format!(
+                "{}({}):written={},quarantined={},duplicates={},released={}",
+                f.name,
+                f.ended,
+                f.summary["written"],
+                f.summary["quarantined"],
+                f.summary["duplicates"],
+                f.summary["released"]
+            )
+        })
+        .collect();
+    println!(
+        "figures: replicas_join_leave sent={} secs={:.1} lost={lost} duplicated={duplicated} dead_letters=0 {}",
+        sent.len(),
+        elapsed.as_secs_f64(),
+        each.join(" ")
+    );
+}
+
 #[tokio::test]
 async fn a_flush_slower_than_the_visibility_timeout_causes_no_redelivery() {
     let env = TestEnv::new().await;

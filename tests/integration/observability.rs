@@ -284,3 +284,58 @@ fn rules_path() -> &'static str {
 fn config_path() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/prometheus.yml")
 }
+
+/// A series' value on a `/metrics` page (summed over its labels when `labels` is empty).
+fn series(page: &str, name: &str, labels: &str) -> f64 {
+    page.lines()
+        .filter(|line| {
+            let Some(rest) = line.strip_prefix(name) else { return false };
+            match labels {
+                "" => rest.starts_with(' ') || rest.starts_with('{'),
+                labels => rest.starts_with(&format!("{{{labels}}}")),
+            }
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn pollers_grow_on_a_backlog_retire_when_it_is_gone_and_an_idle_queue_costs_only_its_long_polls() {
+    let env = TestEnv::new().await;
+    env.publish(synthetic_bodies(3_000, 31)).await;
+    let port = free_port();
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_loginflow"))
+        .arg("run")
+        .envs(env.binary_env())
+        .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("RECEIVE_WAIT_SECS", "2")
+        .env("MAX_POLLERS", "8")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("loginflow starts");
+    let mut most_pollers = 0.0_f64;
+    let page = async || http_get(port, "/metrics").await.map(|(_, body)| body);
+    wait_for("the backlog stored", async || {
+        let page = page().await?;
+        most_pollers = most_pollers.max(series(&page, "loginflow_pollers", ""));
+        (series(&page, "loginflow_records_written_total", "") >= 2_970.0).then_some(())
+    })
+    .await;
+    wait_for("pollers back to MIN_POLLERS", async || {
+        let page = page().await?;
+        (series(&page, "loginflow_pollers", "") == 1.0).then_some(())
+    })
+    .await;
+    // Idle: one poller's long polls of 2 s, nothing else (the depth is read once a minute).
+    let requests = |page: &str| series(page, "loginflow_sqs_requests_total", "");
+    let before = requests(&page().await.expect("metrics"));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = requests(&page().await.expect("metrics")) - before;
+    let _ = std::process::Command::new("kill").args(["-TERM", &process.id().unwrap().to_string()]).status();
+    let _ = tokio::time::timeout(Duration::from_secs(30), process.wait()).await;
+    assert!(most_pollers >= 3.0, "pollers grew on the backlog: at most {most_pollers}");
+    assert!(idle <= 7.0, "{idle} SQS requests in 10 idle seconds (5 long polls of 2 s expected)");
+    println!("figures: adaptive_pollers most={most_pollers} idle_requests_per_10s={idle}");
+}

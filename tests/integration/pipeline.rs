@@ -236,6 +236,51 @@ async fn migration_upgrades_a_table_made_from_the_reference_ddl_and_keeps_its_ro
 }
 
 #[tokio::test]
+async fn migration_upgrades_a_database_made_by_each_earlier_schema_and_records_the_version() {
+    for version in 0..=3 {
+        let env = TestEnv::new().await;
+        let path = format!("{}/tests/fixtures/schema_{version}.sql", env!("CARGO_MANIFEST_DIR"));
+        let db = env.db().await;
+        db.batch_execute(&std::fs::read_to_string(&path).unwrap()).await.unwrap();
+        db.batch_execute(
+            "INSERT INTO user_logins (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date, message_id)
+             VALUES ('before-the-upgrade', 'ios', 'a', 'b', NULL, 10000000, '2020-01-01', 'old-1')",
+        )
+        .await
+        .unwrap();
+        env.publish(synthetic_bodies(20, 40 + version)).await;
+
+        let summary = env.drain(&[]).await;
+        assert_eq!(summary.written + summary.quarantined, 20, "schema {version}");
+        env.migrated_sink().await; // running it again changes nothing
+
+        let versions: Vec<i32> = db
+            .query("SELECT version FROM refinery_schema_history ORDER BY version", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(versions, [1], "schema {version}: the baseline recorded once");
+        let old: i64 = db
+            .query_one("SELECT count(*) FROM user_logins WHERE user_id = 'before-the-upgrade'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(old, 1, "schema {version}: its rows kept");
+        let latest: i64 = db
+            .query_one(
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'user_logins_pii' AND column_name = 'user_fingerprints'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(latest, 1, "schema {version}: upgraded to the latest");
+    }
+}
+
+#[tokio::test]
 async fn hostile_bodies_are_quarantined_with_their_reasons_and_valid_ones_written() {
     let env = TestEnv::new().await;
     let good = json!({"user_id": "u-ok", "app_version": "2.3.0", "device_type": "ios", "ip": "10.20.30.40",
