@@ -7,7 +7,12 @@
 #   C. end-to-end latency p50/p99 at a steady publish rate (LATENCY_RATE msg/s for LATENCY_SECS s),
 #      SentTimestamp -> commit (pg_xact_commit_timestamp; services.sh turns track_commit_timestamp on)
 #   D. psql \copy of B's rows into a fresh user_logins vs loginflow's sink writing the same rows
-# Settings: N (200000), POLLERS (4, loginflow's default), LATENCY_RATE (1000), LATENCY_SECS (20),
+#   P. real round trips: P_N (10000) messages drained through scripts/latency_proxy.py (PROXY_DELAY_MS, 10, added
+#      each way) and without it, loginflow's defaults (adaptive pollers) and POLLERS=4, side by side; SQS requests
+#      per message by action and dollars per million messages (SQS_PRICE_PER_MILLION, 0.40)
+#   I. an idle queue for IDLE_SECS (60): SQS requests a minute
+# Settings: N (200000), POLLERS (4: the bare client's pollers; loginflow runs its defaults, adaptive, unless
+#           its own settings are in the environment), LATENCY_RATE (1000), LATENCY_SECS (20),
 #           REPLICAS (1: loginflow processes in B), PHASES (ARBCD: which of the above to run),
 #           PIN (1 on a machine of 2 or more cores: during A, R and B, LocalStack and PostgreSQL run on one CPU and
 #           the measured clients on another, so a client's CPU time is not inflated by preemption and context
@@ -21,7 +26,7 @@ POLLERS=${POLLERS:-4}
 LATENCY_RATE=${LATENCY_RATE:-1000}
 LATENCY_SECS=${LATENCY_SECS:-20}
 REPLICAS=${REPLICAS:-1}
-PHASES=${PHASES:-ARBCD}
+PHASES=${PHASES:-ARBCDPI}
 [[ $PHASES != *D* || $PHASES == *B* ]] || { echo "phase D needs the rows of phase B (PHASES=...BD)"; exit 1; }
 source scripts/services.sh
 trap 'unpin 2>/dev/null || true; services_down' EXIT
@@ -64,7 +69,7 @@ unpin() {
   place "$allowed_cpus" "$allowed_cpus"
   pinned=0
 }
-export MASK_KEY="loadtest-throwaway-key-0123456789abcdef" METRICS_ADDR=127.0.0.1:0 POLLERS
+export MASK_KEY="loadtest-throwaway-key-0123456789abcdef" METRICS_ADDR=127.0.0.1:0
 run_id=$$
 
 now() { date +%s.%N; }
@@ -221,6 +226,79 @@ if has C; then
     FROM l")
   row '| C. end-to-end latency at %s msg/s (SentTimestamp -> commit) | p50 %s ms, p99 %s ms | p50 <= 100 ms |' \
     "$LATENCY_RATE" "$p50" "$p99"
+fi
+
+# P. Real round trips: a proxy adds PROXY_DELAY_MS (10) each way to every SQS call (20 ms round trips, as AWS
+# answers), and loginflow drains P_N messages through it and without it, with the adaptive defaults and with
+# POLLERS=4 pinned, side by side. Also what SQS bills: requests per message, by action, and dollars per million.
+# I. An idle queue for IDLE_SECS: SQS requests a minute.
+SQS_PRICE_PER_MILLION=${SQS_PRICE_PER_MILLION:-0.40}
+requests_of() { # summary.json -> "total receive delete visibility other"
+  python3 -c 'import json,sys
+r = json.load(open(sys.argv[1])).get("sqs_requests", {})
+total = sum(r.values())
+print(total, r.get("ReceiveMessage", 0), r.get("DeleteMessageBatch", 0), r.get("ChangeMessageVisibilityBatch", 0),
+      total - r.get("ReceiveMessage", 0) - r.get("DeleteMessageBatch", 0) - r.get("ChangeMessageVisibilityBatch", 0))' "$1"
+}
+if has P || has I; then
+  PROXY_PORT=${PROXY_PORT:-4567}
+  PROXY_DELAY_MS=${PROXY_DELAY_MS:-10}
+  python3 scripts/latency_proxy.py --listen "127.0.0.1:$PROXY_PORT" --target "${AWS_ENDPOINT_URL#http://}" \
+    --delay-ms "$PROXY_DELAY_MS" >"$OUT/proxy.log" 2>&1 &
+  proxy_pid=$!
+  trap 'kill "$proxy_pid" 2>/dev/null; unpin 2>/dev/null || true; services_down' EXIT
+  for _ in $(seq 1 50); do grep -q listening "$OUT/proxy.log" && break; sleep 0.1; done
+  grep -q listening "$OUT/proxy.log" || { echo "the latency proxy did not start"; cat "$OUT/proxy.log"; exit 1; }
+  PROXY_URL=http://127.0.0.1:$PROXY_PORT
+fi
+if has P; then
+  P_N=${P_N:-10000}
+  drain_through() { # label endpoint pollers(empty = adaptive) -> "rate requests receive delete visibility other"
+    local label=$1 endpoint=$2 pollers=$3 queue db start last
+    queue=$(seed "lt-rtt-$label-$run_id" "$P_N")
+    db=$(fresh_db "loadtest_rtt_${label//-/_}")
+    DATABASE_URL=$db "$BIN" migrate >/dev/null
+    start=$(now)
+    if [ -n "$pollers" ]; then
+      AWS_ENDPOINT_URL=$endpoint QUEUE_URL=$queue DATABASE_URL=$db POLLERS=$pollers "$BIN" run --drain \
+        >"$OUT/summary-rtt-$label.json" 2>"$OUT/run-rtt-$label.log"
+    else
+      env -u POLLERS AWS_ENDPOINT_URL="$endpoint" QUEUE_URL="$queue" DATABASE_URL="$db" "$BIN" run --drain \
+        >"$OUT/summary-rtt-$label.json" 2>"$OUT/run-rtt-$label.log"
+    fi
+    [ "$(stored "$db")" -ge "$P_N" ] || { echo "P ($label) stored $(stored "$db") of $P_N"; tail -n 20 "$OUT/run-rtt-$label.log"; exit 1; }
+    last=$(psql -XqtA "$db" -c "SELECT extract(epoch FROM greatest(
+      (SELECT max(pg_xact_commit_timestamp(xmin)) FROM user_logins),
+      (SELECT max(pg_xact_commit_timestamp(xmin)) FROM user_logins_quarantine)))")
+    echo "$(calc "$P_N / $(elapsed "$start" "$last")") $(requests_of "$OUT/summary-rtt-$label.json")"
+  }
+  for setting in adaptive fixed4; do
+    pollers=$([ "$setting" = fixed4 ] && echo 4 || echo "")
+    echo "[loadtest] P. $P_N messages, $setting pollers: without the proxy, then with $((2 * PROXY_DELAY_MS)) ms round trips"
+    read -r direct_rate _ < <(drain_through "$setting-direct" "$AWS_ENDPOINT_URL" "$pollers")
+    read -r rtt_rate requests receives deletes visibility other < <(drain_through "$setting-rtt" "$PROXY_URL" "$pollers")
+    row '| P. %s messages, %s: %s ms round trips vs none | %.0f vs %.0f msg/s (**%s%%**) | %s |' "$P_N" \
+      "$([ "$setting" = fixed4 ] && echo "POLLERS=4" || echo "defaults (adaptive pollers)")" "$((2 * PROXY_DELAY_MS))" \
+      "$rtt_rate" "$direct_rate" "$(pct "$rtt_rate" "$direct_rate")" "$([ "$setting" = adaptive ] && echo ">= 90%")"
+    per_message=$(calc "$requests / $P_N")
+    row '| P. ... SQS requests per message (%s receive, %s delete, %s visibility, %s other) | %.3f = $%.3f per million messages | %s |' \
+      "$receives" "$deletes" "$visibility" "$other" "$per_message" "$(calc "$per_message * $SQS_PRICE_PER_MILLION")" \
+      "$([ "$setting" = adaptive ] && echo "<= 0.25")"
+  done
+fi
+if has I; then
+  IDLE_SECS=${IDLE_SECS:-60}
+  echo "[loadtest] I. an empty queue for $IDLE_SECS s, defaults"
+  queue=$(seed "lt-idle-$run_id" 0)
+  idle_db=$(fresh_db loadtest_idle)
+  env -u POLLERS QUEUE_URL="$queue" DATABASE_URL="$idle_db" "$BIN" run >"$OUT/summary-idle.json" 2>"$OUT/idle.log" &
+  idle_pid=$!
+  sleep "$IDLE_SECS"
+  kill -TERM "$idle_pid"
+  wait "$idle_pid"
+  read -r requests receives _ _ other < <(requests_of "$OUT/summary-idle.json")
+  row '| I. idle queue, %s s: SQS requests a minute (%s receive, %s other) | %.1f | <= 6 |' "$IDLE_SECS" "$receives" "$other" \
+    "$(calc "$requests * 60 / $IDLE_SECS")"
 fi
 
 if has D; then
