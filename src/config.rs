@@ -281,7 +281,7 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_209_600))]
     pub dedup_ttl_secs: u64,
 
-    /// Most entries the dedup cache holds (1..=10000000; about 120 bytes each, measured). The
+    /// Most entries the dedup cache holds (1..=10000000; about 225-300 bytes each, measured). The
     /// default covers one visibility timeout of redeliveries at ~830 msg/s (BENCHMARKS.md).
     #[arg(long, env = "DEDUP_CAPACITY", value_name = "DEDUP_CAPACITY", default_value = "50000",
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]

@@ -24,10 +24,10 @@ use crate::transform::{self, Opened};
 /// collisions out of reach (2^64 keys before one is likely).
 pub type Fingerprint = u128;
 
-/// Default of `DEDUP_CAPACITY`. Each entry costs ~120 bytes in moka (BENCHMARKS.md): 50 000 cover
-/// the redelivery window of a committed message whose delete was lost (one visibility timeout,
-/// 60 s by default) at ~830 msg/s, in ~6 MiB; a copy the cache no longer holds is still dropped by
-/// the unique index, at the cost of a round trip.
+/// Default of `DEDUP_CAPACITY`. Each entry costs ~225–300 bytes in moka (`examples/dedup_memory.rs`,
+/// BENCHMARKS.md): 50 000 cover the redelivery window of a committed message whose delete was lost
+/// (one visibility timeout, 60 s by default) at ~830 msg/s, in ~14 MiB, within the 64 MiB bar; a copy
+/// the cache no longer holds is still dropped by the unique index, at the cost of a round trip.
 pub const DEFAULT_CAPACITY: u64 = 50_000;
 
 /// The cache of committed fingerprints (cheap to clone: one shared cache).

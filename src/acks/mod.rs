@@ -33,7 +33,9 @@ use crate::summary::Stats;
 const ACK_LINGER: Duration = Duration::from_millis(20);
 /// Delete calls in flight at once while deletes keep up.
 const ACK_CONCURRENCY: usize = 1;
-/// One more delete call at once for each this many acks waiting (up to `CATCH_UP_CONCURRENCY`):
+/// Most delete calls at once: at a 20 ms round trip, ~8 000 messages a second.
+const MAX_DELETERS: usize = 16;
+/// One more delete call at once for each this many acks waiting (up to `MAX_DELETERS`):
 /// at a 20 ms round trip one caller deletes ~500 messages a second.
 const ACKS_PER_DELETER: usize = 500;
 /// Delete calls in flight at once when deletes fall `CATCH_UP_PENDING` acks behind.
@@ -98,8 +100,8 @@ pub async fn delete(written: impl Stream<Item = Written>, acker: Arc<Acker>, sou
         // Deleters grow with the acks waiting: one while deletes keep up (they yield to receives),
         // more as a longer round trip or a backlog leaves acks behind.
         let concurrency = match catch_up {
-            true => CATCH_UP_CONCURRENCY,
-            false => (ACK_CONCURRENCY + pending.len() / ACKS_PER_DELETER).min(CATCH_UP_CONCURRENCY),
+            true => (ACK_CONCURRENCY + pending.len() / ACKS_PER_DELETER).clamp(CATCH_UP_CONCURRENCY, MAX_DELETERS),
+            false => (ACK_CONCURRENCY + pending.len() / ACKS_PER_DELETER).min(MAX_DELETERS),
         };
         if concurrency != deleters {
             deleters = concurrency;

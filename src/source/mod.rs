@@ -251,6 +251,7 @@ pub fn receive(
         range,
         active: AtomicUsize::new(0),
         full: AtomicUsize::new(0),
+        ramp: Mutex::default(),
     });
     for _ in 0..range.min {
         pollers.clone().add();
@@ -273,6 +274,74 @@ struct Pollers {
     active: AtomicUsize,
     /// Pollers whose last receive came back full.
     full: AtomicUsize,
+    /// Whether another poller adds throughput.
+    ramp: Mutex<Ramp>,
+}
+
+/// How the pollers' throughput answers to their number, from the round trips of full receives (a
+/// backlog answers at once, so their time is the service's and the network's): `n` pollers whose
+/// receives take `t` on average bring `n / t` receives a second. A poller is added while each one
+/// brings at least a quarter of what it would if the service kept up (`1/n` more; it does when the round
+/// trips stay put, as SQS's do at ~20 ms); when it does not (an emulator on one core, whose round trips
+/// grow with every poller), the last one retires and none is added for [`Ramp::HOLD`]. Vector's adaptive concurrency does the same
+/// with a sink's response times.
+#[derive(Debug, Default)]
+struct Ramp {
+    /// Pollers running while `samples` were taken.
+    level: usize,
+    samples: u32,
+    total: Duration,
+    /// The last level measured, and the receives a second it brought.
+    last: Option<(usize, f64)>,
+    /// No poller is added before this (after one did not pay).
+    hold_until: Option<Instant>,
+}
+
+/// What a poller does after a full receive.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Stay,
+    Grow,
+    Retire,
+}
+
+impl Ramp {
+    /// How long no poller is added after one did not add throughput.
+    const HOLD: Duration = Duration::from_secs(5);
+    /// The share of a perfect gain (`1/n`) another poller must bring to stay (a quarter: noise in the
+    /// round trips is smaller than that, a saturated service gains nothing).
+    const GAIN: f64 = 0.25;
+
+    /// Records a full receive's round trip with `active` pollers running.
+    fn record(&mut self, round_trip: Duration, active: usize, now: Instant) -> Step {
+        if self.level != active {
+            (self.level, self.samples, self.total) = (active, 0, Duration::ZERO);
+        }
+        self.samples += 1;
+        self.total += round_trip;
+        if self.samples < active as u32 {
+            return Step::Stay;
+        }
+        let average = self.total.as_secs_f64() / f64::from(self.samples);
+        let throughput = active as f64 / average.max(1e-6);
+        (self.samples, self.total) = (0, Duration::ZERO);
+        let paid = match self.last {
+            Some((level, before)) if level < active => {
+                throughput >= before * (1.0 + Ramp::GAIN * (active - level) as f64 / level as f64)
+            }
+            _ => true,
+        };
+        if !paid {
+            self.hold_until = Some(now + Ramp::HOLD);
+            self.last = None;
+            return Step::Retire;
+        }
+        self.last = Some((active, throughput));
+        match self.hold_until {
+            Some(until) if now < until => Step::Stay,
+            _ => Step::Grow,
+        }
+    }
 }
 
 impl Pollers {
@@ -289,8 +358,22 @@ impl Pollers {
         tasks.spawn(receive_loop(Seat { pollers: self, full: false, seated: true }));
     }
 
-    /// After a full receive: one more poller when every poller's last receive was full, the range
-    /// allows it, and the queue's in-flight limit is far off.
+    /// After a full receive that took `round_trip`: one more poller when every poller's last receive
+    /// was full, the last one added throughput ([`Ramp`]), the range allows it, and the queue's
+    /// in-flight limit is far off. `false` when this poller retires instead (the last one did not pay).
+    fn after_full_receive(self: &Arc<Self>, round_trip: Duration) -> bool {
+        let active = self.active.load(Ordering::Relaxed);
+        let step = self.ramp.lock().unwrap_or_else(|e| e.into_inner()).record(round_trip, active, Instant::now());
+        match step {
+            Step::Stay => true,
+            Step::Grow => {
+                self.grow();
+                true
+            }
+            Step::Retire => !self.retire(),
+        }
+    }
+
     fn grow(self: &Arc<Self>) {
         if self.in_flight.len() >= IN_FLIGHT_CEILING {
             return;
@@ -372,6 +455,8 @@ async fn receive_loop(mut seat: Seat) {
             .message_attribute_names(crate::sqs::ORIGINAL_ID_ATTRIBUTE)
             .send();
         tokio::pin!(request);
+        let asked = Instant::now();
+        let mut retiring = false;
         let result = tokio::select! {
             result = &mut request => result,
             _ = stop.cancelled() => {
@@ -409,8 +494,10 @@ async fn receive_loop(mut seat: Seat) {
             }
             continue;
         }
-        if seat.full {
-            pollers.grow();
+        if seat.full && !pollers.after_full_receive(asked.elapsed()) {
+            seat.seated = false;
+            // Retired: the batch it holds still goes on.
+            retiring = true;
         }
         let now = Utc::now();
         let mut batch: Vec<Envelope> = messages.into_iter().filter_map(|m| Envelope::from_message(m, now)).collect();
@@ -430,6 +517,9 @@ async fn receive_loop(mut seat: Seat) {
             // Never stored, and nothing downstream will take them: visible again at once.
             in_flight.release(&receipts);
             release_at_stop(client, &settings.queue_url, &receipts).await;
+            return;
+        }
+        if retiring {
             return;
         }
     }
@@ -536,6 +626,25 @@ async fn change_visibility(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pollers_are_added_while_each_adds_throughput() {
+        let mut ramp = Ramp::default();
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        // 20 ms round trips whatever the number of pollers (SQS keeps up): keep adding.
+        // One round of receives per measurement.
+        assert_eq!(ramp.record(ms(20), 1, now), Step::Grow);
+        let steps: Vec<Step> = (0..2).map(|_| ramp.record(ms(21), 2, now)).collect();
+        assert_eq!(steps, [Step::Stay, Step::Grow]);
+        // With a third the round trips grow in proportion (a saturated service): it retires, and none is added for a while.
+        let steps: Vec<Step> = (0..3).map(|_| ramp.record(ms(32), 3, now)).collect();
+        assert_eq!(steps, [Step::Stay, Step::Stay, Step::Retire]);
+        let steps: Vec<Step> = (0..2).map(|_| ramp.record(ms(21), 2, now + ms(100))).collect();
+        assert_eq!(steps.last(), Some(&Step::Stay), "held");
+        let steps: Vec<Step> = (0..2).map(|_| ramp.record(ms(21), 2, now + Ramp::HOLD + ms(200))).collect();
+        assert_eq!(steps.last(), Some(&Step::Grow), "tried again after the hold");
+    }
     use futures::FutureExt;
     use std::collections::HashMap;
 

@@ -335,7 +335,7 @@ async fn pollers_grow_on_a_backlog_retire_when_it_is_gone_and_an_idle_queue_cost
     let idle = requests(&page().await.expect("metrics")) - before;
     let _ = std::process::Command::new("kill").args(["-TERM", &process.id().unwrap().to_string()]).status();
     let _ = tokio::time::timeout(Duration::from_secs(30), process.wait()).await;
-    assert!(most_pollers >= 3.0, "pollers grew on the backlog: at most {most_pollers}");
+    assert!(most_pollers >= 2.0, "pollers grew on the backlog: at most {most_pollers}");
     assert!(idle <= 7.0, "{idle} SQS requests in 10 idle seconds (5 long polls of 2 s expected)");
     println!("figures: adaptive_pollers most={most_pollers} idle_requests_per_10s={idle}");
 }
