@@ -7,6 +7,8 @@
 /// Serialises concurrent migrations of several replicas starting at once.
 const MIGRATION_LOCK_ID: i64 = 0x6c6f_6769_6e66_6c6f; // "loginflo"
 
+/// What the last loginflow before numbered migrations wrote on `user_logins` (the schema V1 holds).
+const UNNUMBERED_SCHEMA: &str = "loginflow schema 3";
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
@@ -51,12 +53,22 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), Migratio
 
 /// Whether every migration is applied (read from the history, no lock taken).
 async fn is_current(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
-    let history = client.query_one("SELECT to_regclass('refinery_schema_history') IS NOT NULL", &[]).await?;
+    let history = client
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL,
+                    obj_description(to_regclass('user_logins'), 'pg_class'),
+                    has_schema_privilege(current_schema(), 'CREATE')",
+            &[],
+        )
+        .await?;
+    let latest = embedded::migrations::runner().get_migrations().iter().map(|m| m.version()).max();
     if !history.get::<_, bool>(0) {
-        return Ok(false);
+        // Made by the last loginflow before numbered migrations: the same schema as V1. A role that may
+        // not create the history table takes it as current (the owner's next `loginflow migrate` records it).
+        let unnumbered_current = history.get::<_, Option<&str>>(1) == Some(UNNUMBERED_SCHEMA) && latest == Some(1);
+        return Ok(unnumbered_current && !history.get::<_, bool>(2));
     }
     let applied: Option<i32> = client.query_one("SELECT max(version) FROM refinery_schema_history", &[]).await?.get(0);
-    let latest = embedded::migrations::runner().get_migrations().iter().map(|m| m.version()).max();
     Ok(applied.is_some() && applied >= latest)
 }
 

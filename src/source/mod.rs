@@ -109,8 +109,8 @@ pub struct InFlight {
     // on release, and the handles come from SQS, not from whoever sends messages.
     held: Mutex<HashMap<Arc<str>, Instant, foldhash::fast::RandomState>>,
     backlog_taken: AtomicBool,
-    /// How the last receive went: 0 none yet, 1 answered, 2 failed.
-    queue_answered: std::sync::atomic::AtomicU8,
+    /// When the last receive came back, and whether it was an answer (not an error).
+    last_receive: Mutex<Option<(Instant, bool)>>,
     emptied: tokio::sync::Notify,
 }
 
@@ -124,20 +124,19 @@ impl InFlight {
 
     fn received(&self, messages: usize) {
         self.backlog_taken.store(messages < SQS_BATCH_LIMIT, Ordering::Relaxed);
-        self.queue_answered.store(1, Ordering::Relaxed);
+        *self.last_receive.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), true));
     }
 
     fn receive_failed(&self) {
-        self.queue_answered.store(2, Ordering::Relaxed);
+        *self.last_receive.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), false));
     }
 
-    /// Whether the queue answered the last receive (`None` before any came back): the readiness
-    /// check reads this rather than asking SQS itself, so probes cost no requests.
+    /// Whether the queue answered the last receive, if one came back within [`RECEIVE_EVIDENCE`]
+    /// (`None` otherwise: before the first, or while pollers wait on the budget): the readiness
+    /// check reads this rather than asking SQS, so probes cost no requests while receives run.
     pub fn queue_answered(&self) -> Option<bool> {
-        match self.queue_answered.load(Ordering::Relaxed) {
-            0 => None,
-            answered => Some(answered == 1),
-        }
+        let last = *self.last_receive.lock().unwrap_or_else(|e| e.into_inner());
+        last.filter(|(at, _)| at.elapsed() < RECEIVE_EVIDENCE).map(|(_, answered)| answered)
     }
 
     /// Records newly received messages (their visibility clock starts now).
@@ -223,6 +222,10 @@ pub struct PollerRange {
     pub max: usize,
 }
 
+/// How long a receive's outcome says whether the queue answers: a long poll (up to 20 s) plus an
+/// SDK attempt's timeout (30 s) and some.
+const RECEIVE_EVIDENCE: Duration = Duration::from_secs(60);
+
 /// Messages in flight on the queue past which no poller is added: SQS refuses receives past
 /// 120 000 in flight per queue, and every replica counts against that.
 const IN_FLIGHT_CEILING: usize = 60_000;
@@ -283,7 +286,7 @@ struct Pollers {
 /// receives take `t` on average bring `n / t` receives a second. A poller is added while each one
 /// brings at least a quarter of what it would if the service kept up (`1/n` more; it does when the round
 /// trips stay put, as SQS's do at ~20 ms); when it does not (an emulator on one core, whose round trips
-/// grow with every poller), the last one retires and none is added for [`Ramp::HOLD`]. Vector's adaptive concurrency does the same
+/// grow with every poller), twice in a row, the last one retires and none is added for [`Ramp::HOLD`]. Vector's adaptive concurrency does the same
 /// with a sink's response times.
 #[derive(Debug, Default)]
 struct Ramp {
@@ -295,6 +298,8 @@ struct Ramp {
     last: Option<(usize, f64)>,
     /// No poller is added before this (after one did not pay).
     hold_until: Option<Instant>,
+    /// Measurements in a row at this level that fell short of the gain (one may be noise).
+    misses: u8,
 }
 
 /// What a poller does after a full receive.
@@ -315,7 +320,7 @@ impl Ramp {
     /// Records a full receive's round trip with `active` pollers running.
     fn record(&mut self, round_trip: Duration, active: usize, now: Instant) -> Step {
         if self.level != active {
-            (self.level, self.samples, self.total) = (active, 0, Duration::ZERO);
+            (self.level, self.samples, self.total, self.misses) = (active, 0, Duration::ZERO, 0);
         }
         self.samples += 1;
         self.total += round_trip;
@@ -332,6 +337,10 @@ impl Ramp {
             _ => true,
         };
         if !paid {
+            self.misses += 1;
+            if self.misses < 2 {
+                return Step::Stay;
+            }
             self.hold_until = Some(now + Ramp::HOLD);
             self.last = None;
             return Step::Retire;
@@ -347,9 +356,14 @@ impl Ramp {
 impl Pollers {
     /// Starts one more poller (the caller has checked the range).
     fn add(self: Arc<Self>) {
-        let active = self.active.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!(metrics::POLLERS).set(active as f64);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.count();
         self.seat();
+    }
+
+    /// Publishes how many pollers run.
+    fn count(&self) {
+        metrics::gauge!(metrics::POLLERS).set(self.active.load(Ordering::Relaxed) as f64);
     }
 
     /// Runs a poller in a place already counted in `active`.
@@ -375,15 +389,15 @@ impl Pollers {
     }
 
     fn grow(self: &Arc<Self>) {
-        if self.in_flight.len() >= IN_FLIGHT_CEILING {
+        if self.stop.is_cancelled() || self.in_flight.len() >= IN_FLIGHT_CEILING {
             return;
         }
         let full = self.full.load(Ordering::Relaxed);
         let grown = self
             .active
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| (a < self.range.max && full >= a).then_some(a + 1));
-        if let Ok(was) = grown {
-            metrics::gauge!(metrics::POLLERS).set((was + 1) as f64);
+        if grown.is_ok() {
+            self.count();
             self.clone().seat();
         }
     }
@@ -392,9 +406,7 @@ impl Pollers {
     fn retire(&self) -> bool {
         let retired =
             self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| (a > self.range.min).then(|| a - 1));
-        if let Ok(was) = retired {
-            metrics::gauge!(metrics::POLLERS).set((was - 1) as f64);
-        }
+        self.count();
         retired.is_ok()
     }
 }
@@ -425,8 +437,8 @@ impl Drop for Seat {
     fn drop(&mut self) {
         self.received(0);
         if self.seated {
-            let active = self.pollers.active.fetch_sub(1, Ordering::Relaxed) - 1;
-            metrics::gauge!(metrics::POLLERS).set(active as f64);
+            self.pollers.active.fetch_sub(1, Ordering::Relaxed);
+            self.pollers.count();
         }
     }
 }
@@ -442,6 +454,7 @@ async fn receive_loop(mut seat: Seat) {
     let mut retry = Retry::new("source", settings.max_backoff);
     loop {
         let reservation = tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             reservation = budget.reserve_batch() => reservation,
         };
@@ -638,8 +651,12 @@ mod tests {
         let steps: Vec<Step> = (0..2).map(|_| ramp.record(ms(21), 2, now)).collect();
         assert_eq!(steps, [Step::Stay, Step::Grow]);
         // With a third the round trips grow in proportion (a saturated service): it retires, and none is added for a while.
-        let steps: Vec<Step> = (0..3).map(|_| ramp.record(ms(32), 3, now)).collect();
-        assert_eq!(steps, [Step::Stay, Step::Stay, Step::Retire]);
+        let steps: Vec<Step> = (0..6).map(|_| ramp.record(ms(32), 3, now)).collect();
+        assert_eq!(
+            steps,
+            [Step::Stay, Step::Stay, Step::Stay, Step::Stay, Step::Stay, Step::Retire],
+            "after two misses"
+        );
         let steps: Vec<Step> = (0..2).map(|_| ramp.record(ms(21), 2, now + ms(100))).collect();
         assert_eq!(steps.last(), Some(&Step::Stay), "held");
         let steps: Vec<Step> = (0..2).map(|_| ramp.record(ms(21), 2, now + Ramp::HOLD + ms(200))).collect();
