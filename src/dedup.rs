@@ -42,6 +42,8 @@ impl Dedup {
     pub fn new(capacity: u64, ttl: Duration) -> Dedup {
         let cache = Cache::builder()
             .max_capacity(capacity)
+            // Sized once: growing the table as it fills cost ~0.3 % of the CPU (perf).
+            .initial_capacity(capacity.min(1 << 20) as usize)
             .time_to_live(ttl)
             .eviction_policy(EvictionPolicy::lru())
             // foldhash, not SipHash: the keys are SHA-256 digests, which no sender can aim at a bucket.
