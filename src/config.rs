@@ -251,7 +251,8 @@ pub struct RunArgs {
     pub min_pollers: usize,
 
     /// Most long-polling receivers (1..=256): one is added while every receiver's last receive
-    /// came back full (a backlog, or long round trips), one retires after an empty long poll.
+    /// came back full (a backlog, or long round trips) and the last one added throughput; one
+    /// retires after an empty long poll, or when the last one added did not pay.
     #[arg(long, env = "MAX_POLLERS", value_name = "MAX_POLLERS", default_value = "16", value_parser = count(1, 256))]
     pub max_pollers: usize,
 

@@ -124,9 +124,7 @@ pub fn drop_committed(
         let receipts: Vec<Arc<str>> = batch.iter().map(|e| e.ack.receipt_handle.clone()).collect();
         let keyed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dedup.key_batch(batch, input_format)));
         let Ok(keyed) = keyed else {
-            metrics::error("decode", "gave_up");
-            tracing::error!("keying a receive batch panicked; messages left for redelivery");
-            in_flight.release(&receipts);
+            in_flight.give_up_after_panic("keying", &receipts);
             return Vec::new();
         };
         let duplicates = keyed.iter().filter(|k| k.duplicate).count() as u64;

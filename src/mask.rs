@@ -10,7 +10,6 @@ use futures::{stream, Stream, StreamExt};
 
 use crate::dedup::{Fingerprint, Keyed};
 use crate::masker::Masker;
-use crate::metrics;
 use crate::records::{MessageMeta, Record};
 use crate::source::{Ack, Budget, InFlight, Share};
 use crate::transform::to_record;
@@ -87,10 +86,7 @@ async fn process_batch(
         false => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| masking.process(batch))).map_err(|_| ()),
     };
     let Ok(mut items) = processed else {
-        metrics::error("decode", "gave_up");
-        // A panic's message may quote body text: say only that it panicked.
-        tracing::error!("processing a receive batch panicked; messages left for redelivery");
-        in_flight.release(&receipts);
+        in_flight.give_up_after_panic("masking", &receipts);
         return Vec::new();
     };
     count_what_was_made(&budget, &mut items);

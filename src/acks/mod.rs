@@ -3,11 +3,12 @@
 //! into full `DeleteMessageBatch` calls of ten, so small windows do not multiply the calls;
 //! a partial batch waits at most `ACK_LINGER`.
 //!
-//! Deletes yield to receives: one call at a time while fewer than `CATCH_UP_PENDING` acks
-//! wait and none has waited [`max_ack_lag`], so during a backlog the queue service spends itself
-//! on receives and rows land sooner; past either, once a receive comes back short of a full
-//! batch (the backlog is taken), or once the source stops (shutdown), `CATCH_UP_CONCURRENCY`
-//! calls catch up. A committed message whose delete is late is at worst
+//! Deletes yield to receives: one call at a time while they keep up, one more per
+//! `ACKS_PER_DELETER` acks waiting (up to `MAX_DELETERS`: long round trips need several), so
+//! during a backlog the queue service spends itself on receives and rows land sooner; once
+//! `CATCH_UP_PENDING` acks wait or one has waited [`max_ack_lag`], once a receive comes back
+//! short of a full batch (the backlog is taken), or once the source stops (shutdown), at least
+//! `CATCH_UP_CONCURRENCY` calls catch up. A committed message whose delete is late is at worst
 //! redelivered (a crash), and then dropped as a duplicate by the unique index.
 
 pub mod deletes;
@@ -99,10 +100,8 @@ pub async fn delete(written: impl Stream<Item = Written>, acker: Arc<Acker>, sou
             || acker.in_flight.backlog_taken();
         // Deleters grow with the acks waiting: one while deletes keep up (they yield to receives),
         // more as a longer round trip or a backlog leaves acks behind.
-        let concurrency = match catch_up {
-            true => (ACK_CONCURRENCY + pending.len() / ACKS_PER_DELETER).clamp(CATCH_UP_CONCURRENCY, MAX_DELETERS),
-            false => (ACK_CONCURRENCY + pending.len() / ACKS_PER_DELETER).min(MAX_DELETERS),
-        };
+        let floor = if catch_up { CATCH_UP_CONCURRENCY } else { ACK_CONCURRENCY };
+        let concurrency = (ACK_CONCURRENCY + pending.len() / ACKS_PER_DELETER).clamp(floor, MAX_DELETERS);
         if concurrency != deleters {
             deleters = concurrency;
             metrics::gauge!(metrics::DELETERS).set(deleters as f64);

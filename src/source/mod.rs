@@ -139,6 +139,19 @@ impl InFlight {
         last.filter(|(at, _)| at.elapsed() < RECEIVE_EVIDENCE).map(|(_, answered)| answered)
     }
 
+    /// Leaves a batch whose `step` panicked (a bug, not bad data) for redelivery, and at last the
+    /// DLQ: counted, logged without the panic's message (it may quote body text), and released so
+    /// its visibility is no longer extended.
+    pub fn give_up_after_panic(&self, step: &str, receipts: &[Arc<str>]) {
+        metrics::error("decode", "gave_up");
+        tracing::error!(
+            step,
+            messages = receipts.len(),
+            "a receive batch's processing panicked; messages left for redelivery"
+        );
+        self.release(receipts);
+    }
+
     /// Records newly received messages (their visibility clock starts now).
     pub fn hold(&self, receipts: impl IntoIterator<Item = impl Into<Arc<str>>>) {
         let now = Instant::now();
@@ -213,9 +226,9 @@ pub struct ReceiveSettings {
     pub max_backoff: Duration,
 }
 
-/// How many pollers run: from `min`, one more while every poller's last receive came back full,
-/// up to `max`; a poller whose long poll comes back empty retires while more than `min` run.
-/// `POLLERS` pins both.
+/// How many pollers run: from `min`, one more while every poller's last receive came back full
+/// and the last one added throughput ([`Ramp`]), up to `max`; a poller whose long poll comes back
+/// empty retires while more than `min` run. `POLLERS` pins both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PollerRange {
     pub min: usize,
@@ -284,10 +297,10 @@ struct Pollers {
 /// How the pollers' throughput answers to their number, from the round trips of full receives (a
 /// backlog answers at once, so their time is the service's and the network's): `n` pollers whose
 /// receives take `t` on average bring `n / t` receives a second. A poller is added while each one
-/// brings at least a quarter of what it would if the service kept up (`1/n` more; it does when the round
-/// trips stay put, as SQS's do at ~20 ms); when it does not (an emulator on one core, whose round trips
-/// grow with every poller), twice in a row, the last one retires and none is added for [`Ramp::HOLD`]. Vector's adaptive concurrency does the same
-/// with a sink's response times.
+/// brings at least a quarter of what it would if the service kept up (`1/n` more; it does when
+/// the round trips stay put, as SQS's do at ~20 ms). When one does not, twice in a row (an
+/// emulator on one core, whose round trips grow with every poller), it retires and none is added
+/// for [`Ramp::HOLD`]. Vector's adaptive concurrency does the same with a sink's response times.
 #[derive(Debug, Default)]
 struct Ramp {
     /// Pollers running while `samples` were taken.
@@ -374,18 +387,14 @@ impl Pollers {
 
     /// After a full receive that took `round_trip`: one more poller when every poller's last receive
     /// was full, the last one added throughput ([`Ramp`]), the range allows it, and the queue's
-    /// in-flight limit is far off. `false` when this poller retires instead (the last one did not pay).
-    fn after_full_receive(self: &Arc<Self>, round_trip: Duration) -> bool {
+    /// in-flight limit is far off. [`Step::Retire`] when the last one did not pay: the caller retires.
+    fn after_full_receive(self: &Arc<Self>, round_trip: Duration) -> Step {
         let active = self.active.load(Ordering::Relaxed);
         let step = self.ramp.lock().unwrap_or_else(|e| e.into_inner()).record(round_trip, active, Instant::now());
-        match step {
-            Step::Stay => true,
-            Step::Grow => {
-                self.grow();
-                true
-            }
-            Step::Retire => !self.retire(),
+        if step == Step::Grow {
+            self.grow();
         }
+        step
     }
 
     fn grow(self: &Arc<Self>) {
@@ -402,7 +411,7 @@ impl Pollers {
         }
     }
 
-    /// After an empty long poll: whether this poller retires (more than `min` run).
+    /// Takes one poller off the count if more than `min` run; whether it did.
     fn retire(&self) -> bool {
         let retired =
             self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| (a > self.range.min).then(|| a - 1));
@@ -421,6 +430,14 @@ struct Seat {
 }
 
 impl Seat {
+    /// Gives up its place if more than `min` pollers run; whether it did (the poller then ends).
+    fn retire(&mut self) -> bool {
+        if self.seated && self.pollers.retire() {
+            self.seated = false;
+        }
+        !self.seated
+    }
+
     fn received(&mut self, messages: usize) {
         let full = messages >= SQS_BATCH_LIMIT;
         if full != self.full {
@@ -469,7 +486,6 @@ async fn receive_loop(mut seat: Seat) {
             .send();
         tokio::pin!(request);
         let asked = Instant::now();
-        let mut retiring = false;
         let result = tokio::select! {
             result = &mut request => result,
             _ = stop.cancelled() => {
@@ -488,30 +504,24 @@ async fn receive_loop(mut seat: Seat) {
                 retry.succeeded();
                 output.messages.unwrap_or_default()
             }
-            Err(err) => match {
+            Err(err) => {
                 in_flight.receive_failed();
-                retry.after_failure(&err, "receive", Some(stop))
+                match retry.after_failure(&err, "receive", Some(stop)).await {
+                    Ok(()) => continue,
+                    Err(_) => return,
+                }
             }
-            .await
-            {
-                Ok(()) => continue,
-                Err(_) => return,
-            },
         };
         in_flight.received(messages.len());
         seat.received(messages.len());
         if messages.is_empty() {
-            if pollers.retire() {
-                seat.seated = false;
+            if seat.retire() {
                 return;
             }
             continue;
         }
-        if seat.full && !pollers.after_full_receive(asked.elapsed()) {
-            seat.seated = false;
-            // Retired: the batch it holds still goes on.
-            retiring = true;
-        }
+        // A poller that retires still hands on the batch it holds.
+        let retiring = seat.full && pollers.after_full_receive(asked.elapsed()) == Step::Retire && seat.retire();
         let now = Utc::now();
         let mut batch: Vec<Envelope> = messages.into_iter().filter_map(|m| Envelope::from_message(m, now)).collect();
         metrics::counter!(metrics::MESSAGES_RECEIVED).increment(batch.len() as u64);
@@ -640,6 +650,9 @@ async fn change_visibility(
 mod tests {
     use super::*;
 
+    use futures::FutureExt;
+    use std::collections::HashMap;
+
     #[test]
     fn pollers_are_added_while_each_adds_throughput() {
         let mut ramp = Ramp::default();
@@ -662,8 +675,6 @@ mod tests {
         let steps: Vec<Step> = (0..2).map(|_| ramp.record(ms(21), 2, now + Ramp::HOLD + ms(200))).collect();
         assert_eq!(steps.last(), Some(&Step::Grow), "tried again after the hold");
     }
-    use futures::FutureExt;
-    use std::collections::HashMap;
 
     #[test]
     fn envelope_uses_sent_timestamp_and_tolerates_missing_parts() {
