@@ -1,7 +1,8 @@
 //! Dedup stage: drops messages already committed, by a moka TTL cache of their keys.
 //!
-//! A key enters the cache only after its row (or quarantine record) commits and its delete was
-//! sent, so a cache hit is always safe to delete from the queue without writing. Copies that
+//! A key enters the cache only after its row (or quarantine record) commits, once its delete call
+//! has ended (deleted, given up, or cut short at shutdown), so a cache hit is always safe to delete
+//! from the queue without writing. Copies that
 //! arrive while the first is still in flight, or after the cache forgot it, are caught by the
 //! database's unique `message_id` instead; that guarantee also holds across restarts and replicas.
 //! The cache only spares those copies a database round trip.

@@ -434,6 +434,8 @@ impl Seat {
     fn retire(&mut self) -> bool {
         if self.seated && self.pollers.retire() {
             self.seated = false;
+            // No longer one of the pollers whose last receive was full, while it hands on its batch.
+            self.received(0);
         }
         !self.seated
     }
